@@ -1,0 +1,127 @@
+"""The contract between a pruning method and the engine.
+
+At prefill the engine builds one ``Plan`` per forward (``method.make_plan(request, num_layers)``)
+and, before running each decoder layer ``l``, calls ``plan.before_layer(view)``. The plan returns
+``None`` (keep the current tokens) or, per sample, the sorted original positions that must be
+active for layer ``l`` onward. Positions not active before are re-activated and enter with their
+layer-0 embedding. Decisions are made at prefill only; decoding reuses them through the KV cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+
+import torch
+
+from .state import ActiveSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+KeepSets = Sequence[torch.Tensor]
+
+
+@dataclass
+class PruningRequest:
+    """What one prefill is about (built by host glue from the spliced multimodal sequence).
+
+    visual_mask: (B, L) bool, True at visual-token positions of the prefill sequence.
+    query_index: (B,) long, the scoring query of each sample (default: its last valid token,
+    i.e. the last instruction token at prefill).
+    guidance_index: optional (B,) long, a second query a method may use (e.g. LISA's [SEG]).
+    """
+
+    visual_mask: torch.Tensor
+    query_index: torch.Tensor
+    guidance_index: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.visual_mask.shape[0]
+
+    def visual_counts(self) -> torch.Tensor:
+        """(B,) number of visual tokens per sample."""
+        return self.visual_mask.sum(dim=1)
+
+
+class LayerView:
+    """Read access to the engine state just before decoder layer ``layer`` runs (prefill only)."""
+
+    def __init__(
+        self,
+        layer: int,
+        num_layers: int,
+        active: ActiveSet,
+        request: PruningRequest,
+        scorer: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.layer = layer
+        self.num_layers = num_layers
+        self.active = active
+        self.request = request
+        self._scorer = scorer
+        self._cache: dict = {}
+
+    @property
+    def visual(self) -> torch.Tensor:
+        """(B, n) bool: which active slots hold visual tokens."""
+        return self.request.visual_mask.gather(1, self.active.positions) & self.active.valid
+
+    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, q) original positions → slot indices in the current active set; raises if inactive."""
+        eq = (self.active.positions.unsqueeze(1) == positions.unsqueeze(-1)) & self.active.valid.unsqueeze(1)
+        found = eq.any(dim=-1)
+        if not bool(found.all()):
+            raise ValueError(
+                f"query_index: query position(s) {positions[~found].tolist()} are not active at layer "
+                f"{self.layer}; a scoring query must never be pruned"
+            )
+        return eq.float().argmax(dim=-1)
+
+    def attention(self, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Head-averaged attention of query rows over the active slots at this layer's input.
+
+        positions: (B,) or (B, q) original positions of the query rows (default: the request's
+        ``query_index``). Returns (B, n) for (B,) input, else (B, q, n); float32.
+        """
+        if positions is None:
+            positions = self.request.query_index
+        single = positions.dim() == 1
+        pos = positions.unsqueeze(1) if single else positions
+        key = tuple(pos.flatten().tolist())
+        if key not in self._cache:
+            self._cache[key] = self._scorer(self.slots_of(pos))
+        out = self._cache[key]
+        return out[:, 0] if single else out
+
+    def keep_top_visual(self, scores: torch.Tensor, keep: Union[int, Sequence[int], torch.Tensor]) -> List[torch.Tensor]:
+        """Per sample: every active non-visual token plus the ``keep`` active visual tokens with the
+        highest ``scores`` (B, n); ties go to the earlier position. Returns sorted original positions."""
+        visual = self.visual
+        batch = visual.shape[0]
+        if isinstance(keep, int):
+            keep_list = [keep] * batch
+        else:
+            keep_list = [int(k) for k in keep]
+        out: List[torch.Tensor] = []
+        for b in range(batch):
+            pos = self.active.positions[b]
+            valid = self.active.valid[b]
+            vis = visual[b]
+            n_vis = int(vis.sum())
+            k = keep_list[b]
+            if k < 0 or k > n_vis:
+                raise ValueError(f"keep: {k} visual tokens requested but sample {b} has {n_vis} active at layer {self.layer}")
+            vis_slots = torch.nonzero(vis, as_tuple=False).flatten()
+            order = torch.sort(scores[b, vis_slots].float(), descending=True, stable=True).indices[:k]
+            chosen = pos[vis_slots[order]]
+            text = pos[valid & ~vis]
+            out.append(torch.sort(torch.cat([text, chosen])).values)
+        return out
+
+
+class Plan:
+    """Per-prefill pruning schedule. Subclasses override ``before_layer``."""
+
+    def before_layer(self, view: LayerView) -> Optional[KeepSets]:  # pragma: no cover - interface
+        raise NotImplementedError

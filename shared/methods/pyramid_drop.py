@@ -1,0 +1,77 @@
+"""PyramidDrop (Xing et al., CVPR 2025): staged rank-and-drop of visual tokens inside the LLM.
+
+Rule (Cooperx521/PyramidDrop ``pdrop_rank_drop``): at each stage boundary l (0-based layer index,
+default 8/16/24 for 32 layers) the next layer's ``input_layernorm`` + q/k projections + RoPE are
+applied to the current hidden states; the last instruction token's softmax row over all keys
+(causal mask), averaged over heads, ranks the active visual tokens; the top
+``int(N · ratio_s)`` survive (ratio relative to the *original* count N, ratio_s = λ^s by default),
+in their original order, from layer l on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from ..engine.plan import LayerView, Plan, PruningRequest
+from .base import LayerMethod, check_layer_index, register
+
+
+@register("pdrop")
+@dataclass
+class PyramidDrop(LayerMethod):
+    """layers: 0-based first layer of each reduced stage; ratio: λ; ratios: explicit per-stage
+    retention of the original count (overrides λ), e.g. (0.5, 0.25, 0.125)."""
+
+    layers: Sequence[int] = field(default_factory=lambda: (8, 16, 24))
+    ratio: float = 0.5
+    ratios: Optional[Sequence[float]] = None
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])) or self.layers[0] < 1:
+            raise ValueError(f"layers: expected strictly increasing layer indices >= 1, got {self.layers}")
+        if self.ratios is not None:
+            self.ratios = tuple(float(r) for r in self.ratios)
+            if len(self.ratios) != len(self.layers):
+                raise ValueError(f"ratios: expected {len(self.layers)} values (one per stage), got {len(self.ratios)}")
+            if any(not 0.0 <= r <= 1.0 for r in self.ratios) or any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
+                raise ValueError(f"ratios: expected non-increasing fractions in [0, 1], got {self.ratios}")
+        elif not 0.0 < float(self.ratio) <= 1.0:
+            raise ValueError(f"ratio: expected λ in (0, 1], got {self.ratio!r}")
+
+    def stage_ratios(self) -> List[float]:
+        if self.ratios is not None:
+            return list(self.ratios)
+        return [float(self.ratio) ** (s + 1) for s in range(len(self.layers))]
+
+    def validate_for(self, num_layers: int) -> None:
+        for x in self.layers:
+            check_layer_index("layers", x, num_layers)
+
+    def keep_counts(self, visual_tokens: int) -> List[int]:
+        """Visual tokens kept from each stage boundary on: int(N · ratio_s)."""
+        return [int(visual_tokens * r) for r in self.stage_ratios()]
+
+    def schedule(self, visual_tokens: int, num_layers: int) -> List[int]:
+        self.validate_for(num_layers)
+        out = [visual_tokens] * num_layers
+        for start, k in zip(self.layers, self.keep_counts(visual_tokens)):
+            for j in range(start, num_layers):
+                out[j] = k
+        return out
+
+    def make_plan(self, request: PruningRequest, num_layers: int) -> Plan:
+        counts = [self.keep_counts(int(n)) for n in request.visual_counts()]
+        return _PDropPlan(self.layers, counts)
+
+
+class _PDropPlan(Plan):
+    def __init__(self, layers: Sequence[int], counts: List[List[int]]) -> None:
+        self.stage_of = {layer: s for s, layer in enumerate(layers)}
+        self.counts = counts
+
+    def before_layer(self, view: LayerView):
+        s = self.stage_of.get(view.layer)
+        if s is None:
+            return None
+        return view.keep_top_visual(view.attention(), [c[s] for c in self.counts])
