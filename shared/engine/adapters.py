@@ -55,6 +55,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _sdpa_is_causal_without_mask(attn: nn.Module) -> bool:
+    """Does this attention's SDPA path turn ``attention_mask=None`` into ``is_causal=True``?
+
+    True for transformers 4.37/4.40 (``is_causal=... attention_mask is None and q_len > 1``) and 5.x
+    (``sdpa_attention_forward``); False for 4.38-4.39 Llama, whose SDPA path always needs the mask.
+    """
+    try:
+        src = inspect.getsource(type(attn).forward)
+        if "attention_interface" in src or "ALL_ATTENTION_FUNCTIONS" in src:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            src = inspect.getsource(sdpa_attention_forward)
+        else:
+            mod = inspect.getmodule(type(attn))
+            sdpa = [c for n, c in vars(mod).items() if n.endswith("SdpaAttention") and isinstance(c, type)]
+            src = "".join(inspect.getsource(c.forward) for c in sdpa)
+    except (ImportError, OSError, TypeError):
+        return False
+    return "is_causal" in src and ("attention_mask is None" in src or "causal_mask is None" in src)
+
+
 class RopeShim:
     """Raises the ``seq_len`` handed to legacy rotary modules to cover the largest original position."""
 
@@ -109,6 +130,7 @@ class DecoderAdapter:
                 f"or 'flash_attention_2'"
             )
         self.attn_impl = impl
+        self.sdpa_causal_without_mask = impl == "sdpa" and _sdpa_is_causal_without_mask(attn0)
         cfg = self.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -123,6 +145,9 @@ class DecoderAdapter:
             self.cache_cls = None
             self.cache_base = None
         self.cache_takes_config = self.cache_cls is not None and "config" in _params(self.cache_cls.__init__)
+        # transformers 4.36-4.4x ``generate`` reads the past length from layer 0's cache; 4.31 only
+        # slices the last token and 5.x tracks ``cache_position``/positions itself.
+        self.generate_reads_layer0_length = self.cache_cls is not None and self.past_kw == "past_key_value"
 
     # ---------------------------------------------------------------- rotary
     @contextmanager
@@ -216,6 +241,8 @@ class DecoderAdapter:
 
         if self.attn_impl.startswith("flash_attention"):
             return padding_mask_2d(key_valid)
+        if self.sdpa_causal_without_mask and bool(key_valid.all()) and (q_len == key_valid.shape[1] or q_len == 1):
+            return None  # SDPA's is_causal path: same result, and the fast (flash/fused) kernels
         return additive_mask(key_valid, q_len, dtype)
 
     def call_layer(

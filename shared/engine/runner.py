@@ -27,6 +27,7 @@ class PrefillStats:
     tokens: torch.Tensor
     visual: torch.Tensor
     sequence_length: torch.Tensor  # (B,) valid tokens of the unpruned prefill
+    visual_tokens: torch.Tensor  # (B,) visual tokens of the unpruned prefill
 
     def visual_average(self) -> torch.Tensor:
         """(B,) N_avg: visual tokens averaged over layers."""
@@ -153,7 +154,7 @@ class DecoderRunner:
         if output_hidden_states is None:
             output_hidden_states = bool(getattr(cfg, "output_hidden_states", False))
         if return_dict is None:
-            return_dict = bool(getattr(cfg, "use_return_dict", True))
+            return_dict = bool(getattr(cfg, "return_dict", True))
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"attention_mask: the pruning engine takes the 2-D padding mask (B, L), got shape {tuple(attention_mask.shape)}"
@@ -227,6 +228,12 @@ class DecoderRunner:
                 )
                 keep = plan.before_layer(view)
                 if keep is not None and not active.same_as(keep):
+                    if j == 0 and cache is not None and ad.generate_reads_layer0_length:
+                        raise ValueError(
+                            "use_cache: this plan prunes before layer 0, but this transformers version's generate() "
+                            "reads the past length from layer 0's KV cache; run it with use_cache=False (as LISA's "
+                            "evaluation does) or on transformers >= 5"
+                        )
                     new_active = self._checked(keep, batch, length, mask2d, j)
                     hidden = transition(active, hidden, new_active, embeds)
                     active = new_active
@@ -253,6 +260,7 @@ class DecoderRunner:
             tokens=torch.stack(tokens, dim=1).cpu(),
             visual=torch.stack(visual, dim=1).cpu() if visual else torch.zeros(batch, ad.num_layers, dtype=torch.long),
             sequence_length=mask2d.sum(1).cpu(),
+            visual_tokens=request.visual_counts().cpu() if request is not None else torch.zeros(batch, dtype=torch.long),
         )
         return hidden, (tuple(all_hidden) if output_hidden_states else None)
 

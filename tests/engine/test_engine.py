@@ -225,7 +225,7 @@ def test_reactivated_tokens_enter_with_layer0_embeddings(kind, impl):
     try:
         with torch.no_grad(), pruning(model.model, M()) as eng:
             eng.prepare(visual_spans=[VIS])
-            model.model(inputs_embeds=emb)
+            model.model(inputs_embeds=emb, use_cache=False)
             stats = eng.last_stats
     finally:
         h.remove()
@@ -310,3 +310,49 @@ def test_bad_inputs_name_the_parameter():
     with pytest.raises(TypeError, match="^model"):
         with pruning(torch.nn.Linear(2, 2), FastV(layer=1, keep=2)):
             pass
+
+
+class _DropThenReturn(Plan):
+    """Drop two thirds of the visual tokens before layer 0, re-activate them all at layer 2."""
+
+    def before_layer(self, view):
+        pos = view.active.positions[0][view.active.valid[0]]
+        if view.layer == 0:
+            return [pos[~view.visual[0][view.active.valid[0]] | (pos % 3 == 0)]]
+        if view.layer == 2:
+            return [torch.arange(view.request.visual_mask.shape[1])]
+        return None
+
+
+class _Custom:
+    def __init__(self, plan_cls):
+        self.plan_cls = plan_cls
+
+    def validate_for(self, n):
+        pass
+
+    def make_plan(self, request, n):
+        return self.plan_cls()
+
+
+@pytest.mark.parametrize("kind,impl", CASES, ids=IDS)
+def test_layer0_pruning_with_cache(kind, impl):
+    """Re-activation plans generate with a cache where the host's generate() allows it, and
+    refuse clearly where it would misread the cache length."""
+    model = tiny.build(kind, impl)
+    ids, _ = _embeds(model, seed=11)
+    with torch.no_grad(), pruning(model.model, _Custom(_DropThenReturn)) as eng:
+        eng.prepare(visual_spans=[VIS])
+        if eng.adapter.generate_reads_layer0_length:
+            with pytest.raises(ValueError, match="^use_cache"):
+                model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            return
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+        seq = ids
+        for t in range(4):
+            eng.prepare(visual_spans=[VIS])
+            logits = model(input_ids=seq, use_cache=False).logits
+            nxt = int(logits[0, -1].argmax())
+            assert nxt == int(gen[0, L_SEQ + t]), f"step {t}"
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)

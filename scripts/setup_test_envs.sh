@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Create the test environments CI needs (idempotent).
+#
+#   .venvs/base            python3 -m venv with torch==2.13.0 (CPU), numpy, scipy,
+#                          pytest, tqdm and this repo installed editable.
+#   .venvs/tf-<version>    `pip install --target` dirs, one per transformers version,
+#                          used as  PYTHONPATH=.venvs/tf-<version> .venvs/base/bin/python ...
+#                          They hold transformers and its pure deps (huggingface_hub,
+#                          safetensors, tokenizers, regex, ...) but never torch or numpy:
+#                          those always come from the base venv.
+#
+# Usage:  scripts/setup_test_envs.sh [--force] [--verify] [VERSION ...]
+#   VERSION   only set up these transformers versions (default: all of TF_VERSIONS)
+#   --force   rebuild even when the stamp file says the env is up to date
+#   --verify  run scripts/check_tf_env.py for every selected env, also those already built
+#             (freshly built envs are always checked before they are stamped)
+#   --no-tf   only set up the base venv
+#
+# Each env is stamped (.venvs/<env>/.setup-stamp) with the spec it was built from; an env
+# whose stamp matches is skipped, one whose spec changed is rebuilt from scratch.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO_ROOT="$(pwd)"
+
+PYTHON="${PYTHON:-python3}"
+VENVS="$REPO_ROOT/.venvs"
+BASE="$VENVS/base"
+BASE_PY="$BASE/bin/python"
+
+# torch==2.13.0 resolves to the local CPU wheel on this machine (pip only; keep pip for it).
+TORCH_SPEC="torch==2.13.0"
+BASE_PKGS=(numpy scipy pytest tqdm)
+
+TF_VERSIONS=(4.31.0 4.37.2 4.39.3 4.40.2 5.23.0)
+
+# Extra pins per transformers version, installed together with transformers.
+# All deps are resolved by pip; numpy (and torch, should anything pull it) is then
+# removed from the target so the base venv's copies are used.
+tf_extra_pins() {
+    case "$1" in
+        # tokenizers<0.14 is what 4.31 wants; 0.13.3 ships cp311 wheels.
+        4.31.0) echo "tokenizers==0.13.3" ;;
+        *) echo "" ;;
+    esac
+}
+
+FORCE=0
+VERIFY_ALL=0
+DO_TF=1
+SELECTED=()
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        --verify) VERIFY_ALL=1 ;;
+        --no-tf) DO_TF=0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -*) echo "unknown option: $arg" >&2; exit 2 ;;
+        *) SELECTED+=("$arg") ;;
+    esac
+done
+if [ ${#SELECTED[@]} -eq 0 ]; then SELECTED=("${TF_VERSIONS[@]}"); fi
+
+log() { printf '[setup_test_envs] %s\n' "$*"; }
+run() { printf '[setup_test_envs] + %s\n' "$*"; "$@"; }
+
+stamp_ok() {  # stamp_ok DIR SPEC
+    [ "$FORCE" -eq 0 ] && [ -f "$1/.setup-stamp" ] && [ "$(cat "$1/.setup-stamp")" = "$2" ]
+}
+
+# Pip args shared by every install: binary wheels only (no sdist builds in CI).
+PIP_COMMON=(--disable-pip-version-check --progress-bar off)
+
+# ---------------------------------------------------------------- base venv
+setup_base() {
+    local spec
+    spec="python=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') $TORCH_SPEC ${BASE_PKGS[*]} editable=$REPO_ROOT v1"
+    if stamp_ok "$BASE" "$spec" && [ -x "$BASE_PY" ]; then
+        log "base venv up to date ($BASE)"
+        return
+    fi
+    log "building base venv at $BASE"
+    rm -rf "$BASE"
+    mkdir -p "$VENVS"
+    run "$PYTHON" -m venv "$BASE"
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --upgrade pip
+    # torch first and on its own, so that it is the local CPU wheel.
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" "$TORCH_SPEC"
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" "$TORCH_SPEC" "${BASE_PKGS[@]}"
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --no-build-isolation -e "$REPO_ROOT" \
+        || run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" -e "$REPO_ROOT"
+    run "$BASE_PY" - <<'EOF'
+import sys, torch, numpy, scipy, pytest, tqdm, shared
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("base ok: python", sys.version.split()[0], "torch", torch.__version__,
+      "numpy", numpy.__version__, "scipy", scipy.__version__, "pytest", pytest.__version__)
+EOF
+    if "$BASE_PY" -c 'import transformers' 2>/dev/null; then
+        echo "ERROR: transformers is importable from the base venv; it must only live in .venvs/tf-*" >&2
+        exit 1
+    fi
+    echo "$spec" > "$BASE/.setup-stamp"
+    log "base venv ready"
+}
+
+# ---------------------------------------------------------------- transformers targets
+check_tf() {  # check_tf VERSION
+    log "checking transformers $1"
+    PYTHONPATH="$VENVS/tf-$1" run "$BASE_PY" "$REPO_ROOT/scripts/check_tf_env.py" "$1"
+}
+
+setup_tf() {  # setup_tf VERSION
+    local ver="$1" dir="$VENVS/tf-$1" pins spec
+    pins="$(tf_extra_pins "$ver")"
+    spec="transformers==$ver $pins base=$(cat "$BASE/.setup-stamp") v1"
+    if stamp_ok "$dir" "$spec"; then
+        log "tf-$ver up to date ($dir)"
+        [ "$VERIFY_ALL" -eq 1 ] && check_tf "$ver"
+        return 0
+    fi
+    log "building tf-$ver at $dir"
+    rm -rf "$dir"
+    # shellcheck disable=SC2086
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --only-binary :all: --target "$dir" \
+        "transformers==$ver" $pins
+    # numpy/torch must come from the base venv: drop any copy the resolver pulled in.
+    local removed=0 p
+    for p in "$dir"/numpy "$dir"/numpy-*.dist-info "$dir"/numpy.libs \
+             "$dir"/torch "$dir"/torch-*.dist-info "$dir"/torchgen "$dir"/functorch \
+             "$dir"/bin/f2py "$dir"/bin/numpy-config; do
+        if [ -e "$p" ]; then rm -rf "$p"; removed=1; fi
+    done
+    [ "$removed" -eq 1 ] && log "removed numpy/torch copies from $dir (base venv provides them)"
+    if compgen -G "$dir/numpy*" >/dev/null || compgen -G "$dir/torch*" >/dev/null; then
+        echo "ERROR: numpy/torch still present in $dir" >&2
+        exit 1
+    fi
+    check_tf "$ver"
+    echo "$spec" > "$dir/.setup-stamp"
+    log "tf-$ver ready"
+}
+
+setup_base
+if [ "$DO_TF" -eq 1 ]; then
+    for v in "${SELECTED[@]}"; do
+        setup_tf "$v"
+    done
+fi
+if [ "$DO_TF" -eq 1 ]; then log "done: base=$BASE tf=[${SELECTED[*]}]"; else log "done: base=$BASE"; fi
