@@ -109,7 +109,10 @@ process_host() {
 
     if ! is_checked_out "$dir"; then
         log "$host: initialising submodule"
-        git -C "$ROOT" submodule update --init -- "$host"
+        if ! git -C "$ROOT" submodule update --init -- "$host"; then
+            err "$host: 'git submodule update --init' failed (offline? point submodule.$host.url at a local mirror with 'git config submodule.$host.url <url>'; file:// URLs also need 'git config protocol.file.allow always')"
+            return 1
+        fi
     fi
     is_checked_out "$dir" || { err "$host: submodule is not checked out at $dir"; return 1; }
 
