@@ -7,7 +7,9 @@ For each method it prints the measured speed-up over the unpruned stock decoder,
 FLOPs speed-up (exact matmul FLOPs of the same token counts: 2·(2nd² + 2n·d·d_kv + 2n²d + 3ndm)),
 their ratio, and the engine's own overhead: the share of the pruned prefill spent outside the
 decoder layers and the final norm (scoring, gathers, masks, bookkeeping). Runs are interleaved
-(round-robin) so drift in machine load hits every method alike; the median over rounds is used.
+(round-robin, order reversed every other round) so drift in machine load and allocator state hits
+every method alike. Each method's time is its best round (timeit's convention: on a shared machine
+the fastest run is the one least disturbed); overhead is the median share over rounds.
 """
 from __future__ import annotations
 
@@ -129,24 +131,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for name, method in methods.items():  # warm-up
         run(name, method)
-    for _ in range(args.rounds):
-        for name, method in methods.items():
+    for r in range(args.rounds):
+        order = list(methods.items())
+        for name, method in (order if r % 2 == 0 else order[::-1]):
             dt, t_in, tok = run(name, method)
             times[name].append(dt)
             inside[name].append(t_in)
             tokens[name] = tok
 
     conv = CONVENTIONS["exact"]
-    base_t = statistics.median(times["unpruned (stock)"])
+    base_t = min(times["unpruned (stock)"])
     base_f = prefill_flops(tokens["unpruned (stock)"], dims, conv)
     print(f"decoder d={cfg.hidden_size} m={cfg.intermediate_size} L={layers} heads={cfg.num_attention_heads}, "
           f"{args.device} {args.dtype} {args.attn}, sequence {args.sys}+{args.visual}+{args.text}={length}, "
-          f"median of {args.rounds} interleaved rounds, threads={torch.get_num_threads()}")
+          f"best of {args.rounds} interleaved rounds (alternating order), threads={torch.get_num_threads()}")
     head = f"{'method':<26}{'prefill s':>10}{'N_avg':>8}{'measured x':>12}{'FLOPs x':>9}{'ratio':>8}{'overhead':>10}"
     print(head)
     print("-" * len(head))
     for name in methods:
-        t = statistics.median(times[name])
+        t = min(times[name])
         over = statistics.median([(a - b) / a for a, b in zip(times[name], inside[name])])
         f = prefill_flops(tokens[name], dims, conv)
         vis_avg = sum(n - args.sys - args.text for n in tokens[name]) / layers

@@ -208,6 +208,11 @@ class DecoderAdapter:
         if past is None:
             return None
         if self.is_cache(past):
+            if not isinstance(past, self.cache_cls):
+                raise ValueError(
+                    f"past_key_values: {type(past).__name__} is not supported while pruning; layers keep KV caches "
+                    f"of different lengths, which needs a DynamicCache"
+                )
             return past
         if self.cache_cls is None:
             return list(past)

@@ -221,6 +221,7 @@ class DecoderRunner:
         visual: List[torch.Tensor] = []
         all_hidden: List[torch.Tensor] = []
         mask = pos_emb = None
+        stale = True  # mask/RoPE tables must be rebuilt for the current active set
         for j in range(ad.num_layers):
             if plan is not None:
                 view = LayerView(
@@ -238,10 +239,11 @@ class DecoderRunner:
                     hidden = transition(active, hidden, new_active, embeds)
                     active = new_active
                     pos = full_pos.gather(1, active.positions)
-                    mask = pos_emb = None
+                    stale = True
             if output_hidden_states:
                 all_hidden.append(self._full(active, hidden, length))
-            if mask is None:
+            if stale:
+                stale = False
                 mask = ad.attention_mask(active.valid, active.length, hidden.dtype)
                 pos_emb = ad.position_embeddings(hidden, pos)
                 if self._shim is not None:

@@ -15,6 +15,19 @@ IDS = [f"{k}-{i}" for k, i in CASES]
 L_SEQ, VIS = 40, (6, 30)  # 24 visual tokens at positions 6..29
 
 
+class _Custom:
+    """A method config around a fixed plan factory (for plans written in the tests)."""
+
+    def __init__(self, plan_factory):
+        self.plan_factory = plan_factory
+
+    def validate_for(self, n):
+        pass
+
+    def make_plan(self, request, n):
+        return self.plan_factory()
+
+
 def _embeds(model, length=L_SEQ, seed=1, batch=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, model.config.vocab_size, (batch, length), generator=g)
@@ -166,14 +179,7 @@ def test_probe_scores_equal_eager_attention(kind, impl):
                 return [torch.tensor([i for i in range(L_SEQ) if not (VIS[0] <= i < VIS[1]) or i % 2 == 0])]
             return None
 
-    class M:
-        def validate_for(self, n):
-            pass
-
-        def make_plan(self, request, n):
-            return Probe()
-
-    with torch.no_grad(), pruning(model.model, M()) as eng:
+    with torch.no_grad(), pruning(model.model, _Custom(Probe)) as eng:
         eng.prepare(visual_spans=[VIS])
         model.model(inputs_embeds=emb)
     with torch.no_grad():
@@ -211,19 +217,12 @@ def test_reactivated_tokens_enter_with_layer0_embeddings(kind, impl):
                 return [torch.arange(L_SEQ)]
             return None
 
-    class M:
-        def validate_for(self, n):
-            pass
-
-        def make_plan(self, request, n):
-            return Csp()
-
     def pre_hook(_m, args, kwargs):
         seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
     h = model.model.layers[2].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        with torch.no_grad(), pruning(model.model, M()) as eng:
+        with torch.no_grad(), pruning(model.model, _Custom(Csp)) as eng:
             eng.prepare(visual_spans=[VIS])
             model.model(inputs_embeds=emb, use_cache=False)
             stats = eng.last_stats
@@ -324,17 +323,6 @@ class _DropThenReturn(Plan):
         return None
 
 
-class _Custom:
-    def __init__(self, plan_cls):
-        self.plan_cls = plan_cls
-
-    def validate_for(self, n):
-        pass
-
-    def make_plan(self, request, n):
-        return self.plan_cls()
-
-
 @pytest.mark.parametrize("kind,impl", CASES, ids=IDS)
 def test_layer0_pruning_with_cache(kind, impl):
     """Re-activation plans generate with a cache where the host's generate() allows it, and
@@ -356,3 +344,21 @@ def test_layer0_pruning_with_cache(kind, impl):
             nxt = int(logits[0, -1].argmax())
             assert nxt == int(gen[0, L_SEQ + t]), f"step {t}"
             seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+
+
+def test_static_cache_is_refused_with_a_clear_error():
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    if not hasattr(cache_utils, "StaticCache"):
+        pytest.skip("this transformers version has no StaticCache")
+
+    class NotDynamic(cache_utils.Cache):  # any Cache that is not a DynamicCache
+        def __init__(self):
+            pass
+
+    kind, impl = CASES[0]
+    model = tiny.build(kind, impl)
+    ids, _ = _embeds(model)
+    with pruning(model.model, FastV(layer=1, keep=2)) as eng:
+        eng.prepare(visual_spans=[VIS])
+        with pytest.raises(ValueError, match="^past_key_values"):
+            model.model(input_ids=ids, past_key_values=NotDynamic(), use_cache=True)
