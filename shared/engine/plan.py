@@ -9,14 +9,11 @@ layer-0 embedding. Decisions are made at prefill only; decoding reuses them thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from .state import ActiveSet
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 KeepSets = Sequence[torch.Tensor]
 

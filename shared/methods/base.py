@@ -1,7 +1,7 @@
 """Method configs and their registry (one dataclass per method, found by name)."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Dict, List, Type, TypeVar
+from typing import Callable, ClassVar, Dict, List, TypeVar
 
 from ..engine.plan import Plan, PruningRequest
 
@@ -57,4 +57,4 @@ def check_layer_index(param: str, value: int, num_layers: int, low: int = 1) -> 
         )
 
 
-__all__ = ["LayerMethod", "available_methods", "check_layer_index", "get_method", "register", "Type"]
+__all__ = ["LayerMethod", "available_methods", "check_layer_index", "get_method", "register"]

@@ -78,33 +78,10 @@ def test_pruned_forward_matches_slow_reference(kind, impl, which):
     assert torch.count_nonzero(full[~alive]) == 0
 
 
-def _kept_positions(model, method, emb, mask, spans, query=None):
-    cap = {}
-
-    class Spy(Plan):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def before_layer(self, view):
-            keep = self.inner.before_layer(view)
-            if keep is not None:
-                cap[view.layer] = [k.tolist() for k in keep]
-            return keep
-
-    class Wrapped:
-        def __init__(self, m):
-            self.m = m
-
-        def validate_for(self, n):
-            self.m.validate_for(n)
-
-        def make_plan(self, request, n):
-            return Spy(self.m.make_plan(request, n))
-
-    with torch.no_grad(), pruning(model.model, Wrapped(method)) as eng:
-        eng.prepare(visual_spans=spans, query_index=query)
-        out = model.model(inputs_embeds=emb, attention_mask=mask)
-    return out.last_hidden_state, cap
+def _pruned_hidden(model, method, emb, mask, spans):
+    with torch.no_grad(), pruning(model.model, method) as eng:
+        eng.prepare(visual_spans=spans)
+        return model.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
 
 
 @pytest.mark.parametrize("kind,impl", CASES, ids=IDS)
@@ -119,8 +96,7 @@ def test_batch_of_two_equals_two_single_runs(kind, impl, side, which):
     singles = []
     for i, n in enumerate(lens):
         emb = model.get_input_embeddings()(ids[i]).detach()
-        h, _ = _kept_positions(model, method, emb, torch.ones(1, n, dtype=torch.long), [spans_local[i]])
-        singles.append(h[0])
+        singles.append(_pruned_hidden(model, method, emb, torch.ones(1, n, dtype=torch.long), [spans_local[i]])[0])
     emb = torch.zeros(2, pad, 64)
     mask = torch.zeros(2, pad, dtype=torch.long)
     spans, offs = [], []
