@@ -145,8 +145,8 @@ class DecoderAdapter:
             self.cache_cls = None
             self.cache_base = None
         self.cache_takes_config = self.cache_cls is not None and "config" in _params(self.cache_cls.__init__)
-        # transformers 4.36-4.4x ``generate`` reads the past length from layer 0's cache; 4.31 only
-        # slices the last token and 5.x tracks ``cache_position``/positions itself.
+        # transformers 4.36-4.4x ``generate`` reads the past length from layer 0's cache at every step;
+        # 4.31 only slices the last token, and 5.x reads it once, before the prefill (empty cache).
         self.generate_reads_layer0_length = self.cache_cls is not None and self.past_kw == "past_key_value"
 
     # ---------------------------------------------------------------- rotary

@@ -29,10 +29,6 @@ class PrefillStats:
     sequence_length: torch.Tensor  # (B,) valid tokens of the unpruned prefill
     visual_tokens: torch.Tensor  # (B,) visual tokens of the unpruned prefill
 
-    def visual_average(self) -> torch.Tensor:
-        """(B,) N_avg: visual tokens averaged over layers."""
-        return self.visual.float().mean(dim=1)
-
 
 @dataclass
 class Session:
@@ -186,8 +182,6 @@ class DecoderRunner:
 
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache, hidden_states=all_hidden)
 
-    __call__ = forward
-
     # ------------------------------------------------------------------ prefill
     def _prefill(self, embeds, attention_mask, position_ids, cache, output_hidden_states):
         ad = self.adapter
@@ -333,14 +327,17 @@ class DecoderRunner:
         pos_emb = ad.position_embeddings(embeds, pos)
         hidden = embeds
         all_hidden: List[torch.Tensor] = []
+        prev_valid = key_valid = mask = None
         for j in range(ad.num_layers):
-            key_valid = torch.cat([s.layer_valid[j], tail], dim=1)
+            if s.layer_valid[j] is not prev_valid:  # consecutive layers of one stage share a mask
+                prev_valid = s.layer_valid[j]
+                key_valid = torch.cat([prev_valid, tail], dim=1)
+                mask = ad.attention_mask(key_valid, q, hidden.dtype)
             cached = ad.cache_length(cache, j)
             if cached + q != key_valid.shape[1]:
                 raise RuntimeError(
                     f"past_key_values: layer {j} caches {cached} tokens, the engine expected {key_valid.shape[1] - q}"
                 )
-            mask = ad.attention_mask(key_valid, q, hidden.dtype)
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden = ad.call_layer(j, hidden, mask, pos, cache, True, pos_emb)
