@@ -15,6 +15,12 @@
 #   --verify  run scripts/check_tf_env.py for every selected env, also those already built
 #             (freshly built envs are always checked before they are stamped)
 #   --no-tf   only set up the base venv
+#   --no-yolo skip .venvs/yolo
+#
+#   .venvs/yolo            a separate venv for the one test that runs a real (untrained) YOLO11-seg:
+#                          ultralytics needs torchvision, and PyPI's torchvision cannot load beside
+#                          the local torch 2.13 CPU wheel, so this env takes torch 2.14.1 +
+#                          torchvision 0.29.1 (~5.5 GB, from this machine's local wheel store).
 #
 # Each env is stamped (.venvs/<env>/.setup-stamp) with the spec it was built from; an env
 # whose stamp matches is skipped, one whose spec changed is rebuilt from scratch.
@@ -45,16 +51,21 @@ tf_extra_pins() {
     esac
 }
 
+YOLO="$VENVS/yolo"
+YOLO_PKGS=("torch==2.14.1" "torchvision==0.29.1" "ultralytics==8.4.190" pytest numpy)
+
 FORCE=0
 VERIFY_ALL=0
 DO_TF=1
+DO_YOLO=1
 SELECTED=()
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
         --verify) VERIFY_ALL=1 ;;
         --no-tf) DO_TF=0 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --no-yolo) DO_YOLO=0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) SELECTED+=("$arg") ;;
     esac
@@ -140,7 +151,26 @@ setup_tf() {  # setup_tf VERSION
     log "tf-$ver ready"
 }
 
+# ---------------------------------------------------------------- YOLO venv
+setup_yolo() {
+    local spec py="$YOLO/bin/python"
+    spec="python=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ${YOLO_PKGS[*]} editable=$REPO_ROOT v1"
+    if stamp_ok "$YOLO" "$spec" && [ -x "$py" ]; then
+        log "yolo venv up to date ($YOLO)"
+        return
+    fi
+    log "building yolo venv at $YOLO"
+    rm -rf "$YOLO"
+    run "$PYTHON" -m venv "$YOLO"
+    run "$py" -m pip install "${PIP_COMMON[@]}" "${YOLO_PKGS[@]}"
+    run "$py" -m pip install "${PIP_COMMON[@]}" --no-build-isolation --no-deps -e "$REPO_ROOT"
+    YOLO_OFFLINE=1 run "$py" -c 'import torchvision, ultralytics, shared; print("yolo ok: ultralytics", ultralytics.__version__)'
+    echo "$spec" > "$YOLO/.setup-stamp"
+    log "yolo venv ready"
+}
+
 setup_base
+if [ "$DO_YOLO" -eq 1 ]; then setup_yolo; fi
 if [ "$DO_TF" -eq 1 ]; then
     for v in "${SELECTED[@]}"; do
         setup_tf "$v"

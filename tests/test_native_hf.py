@@ -76,3 +76,96 @@ def test_demo_main_job_runs(capsys):
     out = capsys.readouterr().out
     assert "visual tokens per layer: [576, 144, 144" in out  # FastV K=1 R=25% on 8 layers
     assert "Fast3D" in out and "INCONSISTENT" in out
+
+
+SEG_ID = 100
+
+
+def _with_seg(ids):
+    ids = ids.clone()
+    ids[0, -3] = SEG_ID  # a guidance token after the image, as LISA's [SEG]
+    return ids
+
+
+def test_csp_with_full_budgets_equals_stock_llava_logits():
+    from shared.methods.lvlm_csp import LVLMCSP
+
+    model, ids, px = _tiny()
+    ids = _with_seg(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=px).logits
+        with prune(model, LVLMCSP(1, 16, 1, 16), guidance_token_id=SEG_ID) as eng:
+            out = model(input_ids=ids, pixel_values=px).logits
+    assert eng.last_stats.visual[0].tolist() == [16, 16, 16, 16]
+    assert torch.equal(ref, out)
+
+
+def _layer0_input(model, ids, px, method, **kw):
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    dec = find_decoder(model)
+    h = dec.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), prune(model, method, **kw) as eng:
+            logits = model(input_ids=ids, pixel_values=px).logits
+    finally:
+        h.remove()
+    return seen["h"][0], logits, eng.last_stats
+
+
+def _stock_embeds(model, ids, px):
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen["e"] = kwargs["inputs_embeds"].clone()
+
+    h = find_decoder(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=px)
+    finally:
+        h.remove()
+    return seen["e"]
+
+
+def test_csp_cls_clustering_reads_the_clip_cls_attention_and_matches_the_engine_run_directly():
+    from shared import pruning
+    from shared.methods.lvlm_csp import LVLMCSP
+
+    model, ids, px = _tiny()
+    ids = _with_seg(ids)
+    cfg = LVLMCSP(1, 5, 2, 3, clustering="cls")
+    # by hand: the last CLIP layer's input is LN1(hidden_states[-2]); [CLS] row, one full-width product
+    with torch.no_grad():
+        vt = model.model.vision_tower
+        hs = vt(px, output_hidden_states=True).hidden_states
+        last = getattr(vt, "vision_model", vt).encoder.layers[-1]
+        x = last.layer_norm1(hs[-2])
+        q, k = last.self_attn.q_proj(x[:, :1]), last.self_attn.k_proj(x)
+        cls = torch.softmax(q @ k.transpose(-1, -2) / k.shape[-1] ** 0.5, dim=-1)[0, 0, 1:]
+    expect = torch.sort(torch.topk(cls, 5).indices).values
+    h0, logits, stats = _layer0_input(model, ids, px, cfg, guidance_token_id=SEG_ID)
+    emb = _stock_embeds(model, ids, px)[0]
+    vis_pos = (ids[0] == IMG).nonzero().flatten()
+    keep = torch.sort(torch.cat([(ids[0] != IMG).nonzero().flatten(), vis_pos[expect]])).values
+    assert torch.equal(h0, emb[keep])
+    assert stats.visual[0].tolist() == [5, 16, 16, 3]
+    # the same run through the engine directly on the decoder, with the selection passed in
+    dec = find_decoder(model)
+    with torch.no_grad(), pruning(dec, cfg) as eng:
+        eng.prepare(visual_mask=(ids == IMG), guidance_index=[ids.shape[1] - 3], visual_selection=[expect])
+        direct = model.lm_head(dec(inputs_embeds=emb[None]).last_hidden_state)
+    assert torch.allclose(direct, logits, atol=1e-6)
+
+
+def test_csp_seg_first_needs_grid_masks_and_guidance_must_exist():
+    from shared.methods.lvlm_csp import LVLMCSP
+
+    model, ids, px = _tiny()
+    with prune(model, LVLMCSP(1, 4, 1, 2, clustering="seg_first")), pytest.raises(ValueError, match="^grid_masks"):
+        model(input_ids=_with_seg(ids), pixel_values=px)
+    with prune(model, LVLMCSP(1, 4, 1, 2), guidance_token_id=SEG_ID), pytest.raises(ValueError, match="^guidance_token_id"):
+        model(input_ids=ids, pixel_values=px)

@@ -26,11 +26,19 @@ class PruningRequest:
     query_index: (B,) long, the scoring query of each sample (default: its last valid token,
     i.e. the last instruction token at prefill).
     guidance_index: optional (B,) long, a second query a method may use (e.g. LISA's [SEG]).
+    visual_selection: optional, per sample a sorted (k_b,) long tensor of indices into that
+    sample's visual tokens (0 .. N_b-1, in sequence order) chosen before the LLM by a selector the
+    host ran (e.g. LVLM_CSP's CLS or Seg-First clustering).
     """
 
     visual_mask: torch.Tensor
     query_index: torch.Tensor
     guidance_index: Optional[torch.Tensor] = None
+    visual_selection: Optional[List[torch.Tensor]] = None
+
+    def visual_positions(self, b: int) -> torch.Tensor:
+        """(N_b,) original positions of sample ``b``'s visual tokens, ascending."""
+        return torch.nonzero(self.visual_mask[b], as_tuple=False).flatten()
 
     @property
     def batch_size(self) -> int:

@@ -47,6 +47,7 @@ def _as_request(
     visual_spans: Optional[Sequence[Sequence[int]]],
     query_index: Optional[Union[torch.Tensor, Sequence[int]]],
     guidance_index: Optional[Union[torch.Tensor, Sequence[int]]],
+    visual_selection: Optional[Sequence[Any]] = None,
 ) -> PruningRequest:
     device = mask2d.device
     if (visual_mask is None) == (visual_spans is None):
@@ -90,7 +91,22 @@ def _as_request(
         gi = torch.as_tensor(guidance_index, device=device).long().reshape(-1)
         if gi.numel() != batch or bool(((gi < 0) | (gi >= length)).any()):
             raise ValueError(f"guidance_index: expected {batch} positions inside the sequence of length {length}")
-    return PruningRequest(visual_mask=vm, query_index=qi, guidance_index=gi)
+    sel = None
+    if visual_selection is not None:
+        if len(visual_selection) != batch:
+            raise ValueError(f"visual_selection: expected {batch} index tensors, one per sample, got {len(visual_selection)}")
+        sel = []
+        counts = vm.sum(dim=1)
+        for b, idx in enumerate(visual_selection):
+            idx = torch.as_tensor(idx, device=device).long().reshape(-1)
+            n = int(counts[b])
+            if idx.numel() == 0 or bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0 or int(idx[-1]) >= n:
+                raise ValueError(
+                    f"visual_selection[{b}]: expected sorted, distinct, non-empty indices in [0, {n}) "
+                    f"(the sample's visual tokens), got {idx.tolist()[:8]}{'...' if idx.numel() > 8 else ''}"
+                )
+            sel.append(idx)
+    return PruningRequest(visual_mask=vm, query_index=qi, guidance_index=gi, visual_selection=sel)
 
 
 class DecoderRunner:
@@ -113,10 +129,16 @@ class DecoderRunner:
         visual_spans: Optional[Sequence[Sequence[int]]] = None,
         query_index: Optional[Union[torch.Tensor, Sequence[int]]] = None,
         guidance_index: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+        visual_selection: Optional[Sequence[Any]] = None,
     ) -> None:
-        """Describe the next prefill: where the visual tokens are and which token queries."""
+        """Describe the next prefill: where the visual tokens are, which token queries, and (for
+        methods that start from a pre-LLM subset) which visual tokens a selector chose."""
         self._pending = dict(
-            visual_mask=visual_mask, visual_spans=visual_spans, query_index=query_index, guidance_index=guidance_index
+            visual_mask=visual_mask,
+            visual_spans=visual_spans,
+            query_index=query_index,
+            guidance_index=guidance_index,
+            visual_selection=visual_selection,
         )
 
     # ----------------------------------------------------------------- forward

@@ -92,3 +92,47 @@ def fastv_events(k_layer: int, keep: int):
 
 def pdrop_events(layers: Sequence[int], keeps: Sequence[int]):
     return {l: ("self", k) for l, k in zip(layers, keeps)}
+
+
+@torch.no_grad()
+def run_csp(
+    model,
+    embeds: torch.Tensor,
+    visual: Tuple[int, int],
+    guidance: int,
+    selected: Sequence[int],
+    lc: int,
+    ls: int,
+    np_: int,
+) -> Tuple[torch.Tensor, List[List[int]], torch.Tensor]:
+    """LVLM_CSP on one sample (1, L, d), by masking only.
+
+    Layers < lc: visual tokens outside ``selected`` (absolute positions) are masked as keys. Before
+    layer lc their hidden states are reset to the layer-0 embeddings and they are unmasked. Before
+    layer lc+ls all but the top-np visual tokens by the guidance row of layer lc+ls-1's stock eager
+    attention (head mean) are masked again. Returns (final normed hidden, kept visual positions per
+    layer, alive at the end).
+    """
+    length = embeds.shape[1]
+    pos = torch.arange(length).unsqueeze(0)
+    vis = list(range(*visual))
+    alive = torch.ones(length, dtype=torch.bool)
+    if lc > 0:
+        for i in vis:
+            alive[i] = i in set(selected)
+    hidden = embeds.clone()
+    last_w = None
+    kept: List[List[int]] = []
+    for j in range(len(model.model.layers)):
+        if j == lc and lc > 0:
+            absent = ~alive
+            hidden[0, absent] = embeds[0, absent]
+            alive[:] = True
+        if j == lc + ls and j < len(model.model.layers):
+            scores = last_w[0].mean(dim=0)[guidance]
+            keep = set(_top(scores, vis, np_))
+            for i in vis:
+                alive[i] = i in keep
+        kept.append([i for i in vis if alive[i]])
+        hidden, last_w = _call(model, j, hidden, _mask(alive, hidden.dtype), pos)
+    return model.model.norm(hidden), kept, alive

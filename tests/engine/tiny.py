@@ -37,7 +37,7 @@ def available() -> List[Tuple[str, str]]:
     return out
 
 
-def build(kind: str, impl: str = "eager", layers: int = 4, seed: int = 0, vocab: int = 128):
+def build(kind: str, impl: str = "eager", layers: int = 4, seed: int = 0, vocab: int = 128, max_positions: int = 512):
     """A float32 causal LM with 4 query heads / 2 KV heads (GQA), eval mode."""
     cfg_cls, model_cls = _classes(kind)
     cfg = cfg_cls(
@@ -47,7 +47,7 @@ def build(kind: str, impl: str = "eager", layers: int = 4, seed: int = 0, vocab:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         tie_word_embeddings=False,
     )
