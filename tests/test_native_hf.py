@@ -169,3 +169,25 @@ def test_csp_seg_first_needs_grid_masks_and_guidance_must_exist():
         model(input_ids=_with_seg(ids), pixel_values=px)
     with prune(model, LVLMCSP(1, 4, 1, 2), guidance_token_id=SEG_ID), pytest.raises(ValueError, match="^guidance_token_id"):
         model(input_ids=ids, pixel_values=px)
+
+
+def test_csp_seg_first_selects_inside_the_instance_masks():
+    from shared.methods.lvlm_csp import LVLMCSP
+    from shared.segfirst import masks_to_grid
+
+    model, ids, px = _tiny()
+    ids = _with_seg(ids)
+    masks = torch.zeros(2, 60, 80, dtype=torch.bool)  # original image 60x80 -> resize 56x74, crop 56x56 at x=9
+    masks[0, :30, 9:37] = True  # top-left quarter of the crop: 2x2 = 4 patches
+    masks[1, 45:, 60:] = True  # a small object in the bottom-right corner
+    grid = masks_to_grid(masks, size=56, patch=14)
+    cfg = LVLMCSP(1, 4, 1, 2, clustering="seg_first", seed=5)
+    sel, info = cfg.cluster(16, grid_masks=grid)
+    allowed = set(torch.cat(grid.token_sets).tolist())
+    assert set(sel.tolist()) <= allowed and not info["fallback_used"]
+    h0, _, stats = _layer0_input(model, ids, px, cfg, guidance_token_id=SEG_ID, grid_masks=[grid])
+    emb = _stock_embeds(model, ids, px)[0]
+    vis_pos = (ids[0] == IMG).nonzero().flatten()
+    keep = torch.sort(torch.cat([(ids[0] != IMG).nonzero().flatten(), vis_pos[sel]])).values
+    assert torch.equal(h0, emb[keep])
+    assert stats.visual[0].tolist() == [len(sel), 16, 2, 2]

@@ -1,7 +1,8 @@
 """The contract between a pruning method and the engine.
 
 At prefill the engine builds one ``Plan`` per forward (``method.make_plan(request, num_layers)``)
-and, before running each decoder layer ``l``, calls ``plan.before_layer(view)``. The plan returns
+and, before running each decoder layer ``l``, calls ``plan.before_layer(view)`` and then, on the
+state the layer will run on, ``plan.observe(view)``. The plan returns
 ``None`` (keep the current tokens) or, per sample, the sorted original positions that must be
 active for layer ``l`` onward. Positions not active before are re-activated and enter with their
 layer-0 embedding. Decisions are made at prefill only; decoding reuses them through the KV cache.
@@ -126,7 +127,13 @@ class LayerView:
 
 
 class Plan:
-    """Per-prefill pruning schedule. Subclasses override ``before_layer``."""
+    """Per-prefill pruning schedule. Subclasses override ``before_layer`` and, to score the tokens
+    a layer actually runs on, ``observe``."""
 
     def before_layer(self, view: LayerView) -> Optional[KeepSets]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def observe(self, view: LayerView) -> None:
+        """Called with layer ``view.layer``'s final input, after the transition ``before_layer``
+        asked for (if any). Scores taken here are those of the layer's own attention over the
+        tokens it sees, even when that set was changed just before it."""

@@ -256,6 +256,8 @@ class DecoderRunner:
                     active = new_active
                     pos = full_pos.gather(1, active.positions)
                     stale = True
+                    view = LayerView(j, ad.num_layers, active, request, self._scorer(j, hidden, pos, active))
+                plan.observe(view)
             if output_hidden_states:
                 all_hidden.append(self._full(active, hidden, length))
             if stale:

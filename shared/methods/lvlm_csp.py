@@ -137,7 +137,15 @@ class LVLMCSP(LayerMethod):
             return cl.cls_tokens(scores, nc), {}
         if grid_masks is None:
             raise ValueError("grid_masks: clustering='seg_first' needs the instance masks on the CLIP grid")
-        sel = cl.seg_first_tokens(grid_masks.token_sets, grid_masks.areas, nc, self.generator(), budget=budget)
+        if grid_masks.num_tokens != n:
+            raise ValueError(
+                f"grid_masks: masks were mapped onto a {grid_masks.grid}x{grid_masks.grid} grid "
+                f"({grid_masks.num_tokens} tokens) but the sample has {n} image tokens"
+            )
+        sel = cl.seg_first_tokens(
+            grid_masks.token_sets, grid_masks.areas, nc, self.generator(), budget=budget, n=n,
+            fallback_layout=self.uniform_layout,
+        )
         return sel.indices, {"fallback_used": sel.fallback_used, "quotas": sel.quotas, "count": sel.count}
 
     # -------------------------------------------------------------------- plan
@@ -208,12 +216,14 @@ class _CSPPlan(Plan):
                 return out
         if j == self.lc and self.lc > 0:
             return self.full  # scattering: the absent image tokens re-enter with their layer-0 embeddings
-        if self.prune_layer < self.num_layers:
-            if j == self.score_layer:
-                self.kept = view.keep_top_visual(view.attention(self.guidance), self.np)
-            if j == self.prune_layer:
-                return self.kept
+        if j == self.prune_layer and self.prune_layer < self.num_layers:
+            return self.kept
         return None
+
+    def observe(self, view: LayerView) -> None:
+        # the last scattering layer's own attention (over all N image tokens), guidance row, head mean
+        if view.layer == self.score_layer and self.prune_layer < self.num_layers:
+            self.kept = view.keep_top_visual(view.attention(self.guidance), self.np)
 
 
 PRESETS: Dict[str, LVLMCSP] = {}

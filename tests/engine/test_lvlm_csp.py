@@ -60,18 +60,27 @@ def test_full_budgets_reproduce_the_unpruned_model_exactly(kind, impl):
 
 
 @pytest.mark.parametrize("kind,impl", CASES, ids=IDS)
-@pytest.mark.parametrize("clustering,seg_query", [("uniform", "seg"), ("random", "seg"), ("random", "pre_seg")])
-def test_three_stages_match_the_masking_reference(kind, impl, clustering, seg_query):
+@pytest.mark.parametrize(
+    "stages,clustering,seg_query",
+    [
+        ((2, 8, 2, 5), "uniform", "seg"),
+        ((2, 8, 2, 5), "random", "pre_seg"),
+        ((2, 8, 1, 5), "random", "seg"),  # Ls = 1: ranked by the attention of the re-activation layer itself
+        ((0, 8, 3, 5), "uniform", "seg"),  # no clustering stage
+    ],
+)
+def test_three_stages_match_the_masking_reference(kind, impl, stages, clustering, seg_query):
     model = tiny.build(kind, impl, layers=LAYERS)
     ref_model = tiny.build(kind, "eager", layers=LAYERS)
     _, emb = _embeds(model)
-    cfg = LVLMCSP(2, 8, 2, 5, clustering=clustering, seed=7, seg_query=seg_query)
+    lc, nc, ls, np_ = stages
+    cfg = LVLMCSP(lc, nc, ls, np_, clustering=clustering, seed=7, seg_query=seg_query)
     sel = cfg.cluster(N)[0]
     selected = [VIS[0] + int(i) for i in sel]
     guidance = SEG - (seg_query == "pre_seg")
-    ref_h, ref_kept, alive = reference.run_csp(ref_model, emb, VIS, guidance, selected, 2, 2, 5)
+    ref_h, ref_kept, alive = reference.run_csp(ref_model, emb, VIS, guidance, selected, lc, ls, np_)
     out, stats = _run(model, cfg, emb)
-    assert stats.visual[0].tolist() == [len(k) for k in ref_kept] == [8, 8, N, N, 5, 5]
+    assert stats.visual[0].tolist() == [len(k) for k in ref_kept] == cfg.schedule(N, LAYERS)
     assert torch.allclose(out[0, alive], ref_h[0, alive], atol=2e-5, rtol=1e-4)
     assert bool((out[0, ~alive] == 0).all())
 
