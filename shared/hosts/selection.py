@@ -1,0 +1,329 @@
+"""Pre-LLM visual-token selection shared by the LLaVA-NeXT fork and the native transformers host.
+
+Two concepts live here:
+
+- **The selection context.** ``scene_context(pruner, views=...)`` makes one selector (a SeGPruner
+  config, or anything with the same ``select`` method) and the geometry of the current call's views
+  active for the duration of a ``with`` block. Host glue finds it with ``active_context()``; nothing
+  travels through HF ``generate`` kwargs (which rejects unknown keys). Each selection the hosts run
+  is recorded (``ctx.records``) for accounting.
+- **The token layout of a single-crop view.** LLaVA-OneVision turns one square crop into
+  ``grid²`` row-major SigLIP tokens (27² = 729 at 384 px / 14 px) followed by one
+  ``image_newline``: 730 tokens. Pruning keeps a subset of the grid, in row-major order, and always
+  keeps the newline (T + 1 tokens). Multi-crop (anyres) images and videos have other layouts and
+  are refused with ``NotImplementedError``.
+
+Selector protocol (``shared.methods.segpruner.SeGPruner``)::
+
+    keep = pruner.select(saliency, features, centroids, geo_valid)
+    # saliency (V, P) float, features (V, P, C) pre-projector, centroids (V, P, 3) or None,
+    # geo_valid (V, P) bool or None  ->  keep (V, P) bool
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+#: SigLIP-so400m at 384 px with 14 px patches (LLaVA-OneVision): 27 x 27 tokens per crop.
+DEFAULT_GRID = 27
+DEFAULT_PATCH = 14
+
+
+# --------------------------------------------------------------------------------------- layout
+def grid_side(num_grid_tokens: int) -> int:
+    """Side of a square token grid: 729 -> 27. Raises if ``num_grid_tokens`` is not a square."""
+    side = int(round(math.sqrt(num_grid_tokens)))
+    if num_grid_tokens <= 0 or side * side != num_grid_tokens:
+        raise ValueError(f"num_grid_tokens: expected a square number of grid tokens (e.g. 729 = 27²), got {num_grid_tokens}")
+    return side
+
+
+def check_single_crop(crops_per_image: Sequence[int], video_images: Sequence[int] = ()) -> None:
+    """Refuse inputs the single-crop layout does not describe.
+
+    crops_per_image: number of crops each image was split into (1 = one square crop per view).
+    video_images: indices of images that are videos.
+    """
+    if len(video_images) > 0:
+        raise NotImplementedError(
+            f"images: pre-LLM selection supports single-crop still images only; inputs {list(video_images)} are "
+            "videos (pooled frame grids). Pass the frames as separate single-crop images, or run without a pruner."
+        )
+    multi = [(i, int(n)) for i, n in enumerate(crops_per_image) if int(n) != 1]
+    if multi:
+        i, n = multi[0]
+        raise NotImplementedError(
+            f"images: pre-LLM selection supports single-crop images only (one square crop per view: grid² tokens "
+            f"+ 1 newline); image {i} has {n} crops (anyres multi-crop). Give each view as one square crop "
+            "(LLaVA-NeXT: a list of (3, 384, 384) tensors; transformers: nested image lists [[v1, ..., vV]], "
+            "which turns off anyres patching), or run without a pruner."
+        )
+
+
+def check_view_tokens(features: Sequence[torch.Tensor], grid: int, newline: bool) -> None:
+    """Check that every view's merged features are (grid² + newline, D)."""
+    expected = grid * grid + int(newline)
+    for i, f in enumerate(features):
+        if f.dim() != 2 or f.shape[0] != expected:
+            raise ValueError(
+                f"image_features[{i}]: expected ({expected}, D) = {grid}x{grid} grid tokens"
+                f"{' + 1 newline' if newline else ''} of a single-crop view, got {tuple(f.shape)}"
+            )
+
+
+def keep_rows(keep: torch.Tensor, newline: bool) -> torch.Tensor:
+    """Row mask over a view's merged tokens: the kept grid tokens (P,) plus the newline if present."""
+    if not newline:
+        return keep
+    return torch.cat([keep, keep.new_ones(1)])
+
+
+def compact_view(feature: torch.Tensor, keep: torch.Tensor, newline: bool = True) -> torch.Tensor:
+    """One view's merged tokens (P + newline, D) -> kept grid tokens in row-major order (+ newline).
+
+    keep: (P,) bool over the grid. Returns (keep.sum() + newline, D).
+    """
+    if keep.dtype != torch.bool or keep.dim() != 1:
+        raise ValueError(f"keep: expected a (P,) bool mask, got {keep.dtype} {tuple(keep.shape)}")
+    if feature.dim() != 2 or feature.shape[0] != keep.shape[0] + int(newline):
+        raise ValueError(
+            f"feature: expected ({keep.shape[0] + int(newline)}, D) for {keep.shape[0]} grid tokens"
+            f"{' + newline' if newline else ''}, got {tuple(feature.shape)}"
+        )
+    return feature[keep_rows(keep.to(feature.device), newline)]
+
+
+# ------------------------------------------------------------------------------------- geometry
+@dataclass
+class SceneGeometry:
+    """Per-token 3D positions of one sample's views.
+
+    centroids: (V, P, 3) float, mean 3D point of each grid token's pixel patch (world frame, metres).
+    valid: (V, P) bool or None, tokens whose patch holds enough valid depth (padding, holes and
+    non-finite poses excluded).
+    """
+
+    centroids: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        c = self.centroids
+        if not isinstance(c, torch.Tensor):
+            c = torch.as_tensor(c)
+        if c.dim() != 3 or c.shape[-1] != 3:
+            raise ValueError(f"centroids: expected (V, P, 3), got {tuple(c.shape)}")
+        self.centroids = c if c.is_floating_point() else c.float()
+        if self.valid is not None:
+            v = torch.as_tensor(self.valid)
+            if v.dtype != torch.bool or tuple(v.shape) != tuple(c.shape[:2]):
+                raise ValueError(f"valid: expected a bool tensor of shape {tuple(c.shape[:2])}, got {v.dtype} {tuple(v.shape)}")
+            self.valid = v
+
+    @property
+    def num_views(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def geometry_from_views(
+    views: Any,
+    grid: int = DEFAULT_GRID,
+    patch: int = DEFAULT_PATCH,
+    compat_released: bool = False,
+    on_invalid_pose: str = "raise",
+) -> SceneGeometry:
+    """Per-token patch centroids of prepared views (``shared.datasets.PreparedViews``: depth on the
+    tower's square canvas, its intrinsics, cam-to-world poses).
+
+    Patches tile the top-left grid·patch square row-major, like the tower's tokens. Default: the
+    mean of each patch's valid depth pixels, patches without one invalid. ``compat_released=True``:
+    SeGPruner's released patch mean (missing depth counted as the camera centre, divided by patch²)
+    and, as released, every token of a view with a usable pose stays a diversifier candidate (padding
+    and holes included). ``on_invalid_pose``: "raise" or "exclude" (that view's tokens get no geometry).
+    """
+    fn = getattr(views, "patch_centroids", None)
+    if not callable(fn):
+        raise TypeError(f"views: expected a PreparedViews (with patch_centroids), got {type(views).__name__}")
+    size = int(views.depth.shape[-1])
+    if size < grid * patch:
+        raise ValueError(
+            f"views: the {size}x{size} canvas is smaller than the token grid ({grid} x {patch} px); prepare the "
+            "views at the vision tower's input size"
+        )
+    centroids, valid = fn(patch=patch, grid=grid, compat_released=compat_released, on_invalid_pose=on_invalid_pose)
+    if compat_released:
+        from ..geometry import check_poses
+
+        pose_ok = check_poses(views.cam2world, on_invalid="exclude")
+        valid = pose_ok[:, None].expand_as(valid).clone()
+    return SceneGeometry(centroids=centroids, valid=valid)
+
+
+def _as_geometry(views: Any, grid: int, patch: int) -> Optional[SceneGeometry]:
+    if views is None or isinstance(views, SceneGeometry):
+        return views
+    return geometry_from_views(views, grid=grid, patch=patch)
+
+
+# -------------------------------------------------------------------------------------- context
+@dataclass
+class SelectionRecord:
+    """One selection run by a host: keep (V, P) bool (CPU), the saliency (V, P) that ranked it, and
+    whether each view also sends its newline to the LLM."""
+
+    keep: torch.Tensor
+    saliency: torch.Tensor
+    newline: bool = True
+    sample: int = 0
+
+    @property
+    def grid_tokens(self) -> int:
+        """Kept grid tokens over all views (newlines excluded)."""
+        return int(self.keep.sum())
+
+    @property
+    def llm_tokens(self) -> int:
+        """Visual tokens this sample sends to the LLM (kept grid tokens + one newline per view)."""
+        return self.grid_tokens + int(self.newline) * int(self.keep.shape[0])
+
+    @property
+    def per_view(self) -> List[int]:
+        """Kept grid tokens per view."""
+        return [int(k) for k in self.keep.sum(dim=1).tolist()]
+
+
+class SelectionContext:
+    """The selector and per-sample geometry of one call (see ``scene_context``)."""
+
+    def __init__(self, pruner: Any, geometry: Sequence[Optional[SceneGeometry]], grid: Optional[int]) -> None:
+        if pruner is None or not callable(getattr(pruner, "select", None)):
+            raise TypeError(
+                f"pruner: expected a selector with select(saliency, features, centroids, geo_valid) "
+                f"(e.g. shared.methods.SeGPruner), got {type(pruner).__name__}"
+            )
+        self.pruner = pruner
+        self.geometry: List[Optional[SceneGeometry]] = list(geometry)
+        self.grid = grid
+        self.records: List[SelectionRecord] = []
+
+    def geometry_for(self, sample: int, num_views: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(centroids (V, P, 3), valid (V, P)) of ``sample``, or (None, None) when no geometry was given."""
+        if not self.geometry:
+            return None, None
+        if sample >= len(self.geometry):
+            raise ValueError(
+                f"views: geometry was given for {len(self.geometry)} sample(s), but the batch has a sample {sample}; "
+                "pass one views entry per sample"
+            )
+        g = self.geometry[sample]
+        if g is None:
+            return None, None
+        if g.num_views != num_views:
+            raise ValueError(
+                f"views: sample {sample} has {num_views} images in the prompt but its geometry has {g.num_views} views"
+            )
+        return g.centroids, g.valid
+
+    def select(self, saliency: torch.Tensor, features: torch.Tensor, sample: int = 0, newline: bool = True) -> torch.Tensor:
+        """Run the selector on one sample's views and record the result.
+
+        saliency: (V, P) float; features: (V, P, C) pre-projector. Returns keep (V, P) bool on
+        ``features.device``.
+        """
+        if saliency.dim() != 2 or features.dim() != 3 or tuple(saliency.shape) != tuple(features.shape[:2]):
+            raise ValueError(
+                f"saliency/features: expected (V, P) and (V, P, C), got {tuple(saliency.shape)} and {tuple(features.shape)}"
+            )
+        v, p = saliency.shape
+        if self.grid is not None and p != self.grid * self.grid:
+            raise ValueError(f"features: expected {self.grid}x{self.grid} = {self.grid ** 2} tokens per view, got {p}")
+        centroids, valid = self.geometry_for(sample, v)
+        if centroids is not None:
+            if centroids.shape[1] != p:
+                raise ValueError(
+                    f"views: geometry has {centroids.shape[1]} patch centroids per view, the vision tower {p} tokens; "
+                    "prepare the views with the tower's grid and patch size"
+                )
+            centroids = centroids.to(features.device)
+            valid = valid.to(features.device) if valid is not None else None
+        elif getattr(self.pruner, "diverse_count", None) is not None:
+            if self.pruner.diverse_count > 0:
+                raise ValueError(
+                    f"views: {type(self.pruner).__name__} picks {self.pruner.diverse_count} tokens by 3D distance and "
+                    "needs each view's geometry; pass scene_context(pruner, views=PreparedViews or SceneGeometry)"
+                )
+            # saliency-only setting (important_ratio = 1): geometry is never read
+            centroids = torch.zeros(v, p, 3, dtype=torch.float32, device=features.device)
+            valid = torch.zeros(v, p, dtype=torch.bool, device=features.device)
+        keep = self.pruner.select(saliency, features, centroids, valid)
+        keep = torch.as_tensor(keep)
+        if keep.dtype != torch.bool or tuple(keep.shape) != (v, p):
+            raise ValueError(f"pruner: select() must return a ({v}, {p}) bool mask, got {keep.dtype} {tuple(keep.shape)}")
+        self.records.append(SelectionRecord(keep=keep.detach().cpu(), saliency=saliency.detach().float().cpu(),
+                                            newline=newline, sample=sample))
+        return keep.to(features.device)
+
+    @property
+    def last(self) -> Optional[SelectionRecord]:
+        return self.records[-1] if self.records else None
+
+    def reset(self) -> None:
+        self.records.clear()
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("shared_selection_context", default=None)
+
+
+def active_context() -> Optional[SelectionContext]:
+    """The innermost ``scene_context`` of the current thread/task, or None."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def scene_context(
+    pruner: Any,
+    views: Any = None,
+    *,
+    grid: Optional[int] = None,
+    patch: int = DEFAULT_PATCH,
+) -> Iterator[SelectionContext]:
+    """Make ``pruner`` and the geometry of the current call's views active for the block.
+
+    views: geometry per sample, each a ``PreparedViews`` (back-projected here), a ``SceneGeometry``
+    (precomputed centroids) or None (no geometry: fine for selectors that do not use it); a single
+    entry (not a list) means one sample. grid: tokens per view side (27 for LLaVA-OneVision; None:
+    taken from the features). patch: pixels per token side (14).
+    """
+    if isinstance(views, (list, tuple)):
+        entries = list(views)
+    else:
+        entries = [] if views is None else [views]
+    g = grid if grid is not None else DEFAULT_GRID
+    geometry = [_as_geometry(v, g, patch) for v in entries]
+    ctx = SelectionContext(pruner, geometry, grid)
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+
+
+__all__ = [
+    "DEFAULT_GRID",
+    "DEFAULT_PATCH",
+    "SceneGeometry",
+    "SelectionContext",
+    "SelectionRecord",
+    "active_context",
+    "check_single_crop",
+    "check_view_tokens",
+    "compact_view",
+    "geometry_from_views",
+    "grid_side",
+    "keep_rows",
+    "scene_context",
+]

@@ -1,0 +1,216 @@
+"""SeGPruner on a native transformers 5.x LlavaOnevisionForConditionalGeneration (shared.hosts.hf_onevision).
+
+A tiny random model with a 56 px / 14 px SigLIP (4x4 = 16 tokens per view + 1 newline) built from config;
+the multi-image single-crop inputs are built directly (what the processor emits for nested image
+lists: grid²+1 placeholders per view, pixel_values per view, batch_num_images).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("the native LLaVA-OneVision path is tested on transformers 5.x", allow_module_level=True)
+
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig  # noqa: E402
+
+from shared.datasets import make_room_scene, prepare_views  # noqa: E402
+from shared.hosts.hf_onevision import grid_of, prune_inputs, segprune_generate  # noqa: E402
+from shared.hosts.selection import geometry_from_views, scene_context  # noqa: E402
+from shared.methods.segpruner import SeGPruner  # noqa: E402
+
+IMG, SIZE, GRID, P = 250, 56, 4, 16
+
+
+def tiny_ov(seed=0):
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=SIZE, patch_size=14, vision_use_head=False)
+    tc = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=260, max_position_embeddings=4096, pad_token_id=0)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_index=IMG, video_token_index=251,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               image_grid_pinpoints=[[SIZE, SIZE], [SIZE, 2 * SIZE]])
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_ov()
+
+
+def scene_views(n_views, seed=0):
+    return prepare_views(make_room_scene(n_views=n_views, height=42, width=56, seed=seed), size=SIZE, padding="mean")
+
+
+def inputs_for(views, prefix=5, suffix=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = len(views.images)
+    ids = torch.cat([torch.randint(1, 240, (1, prefix), generator=g), torch.full((1, v * (P + 1)), IMG),
+                     torch.randint(1, 240, (1, suffix), generator=g)], dim=1)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=views.pixel_values(),
+                image_sizes=torch.tensor([[SIZE, SIZE]] * v), batch_num_images=torch.tensor([v]))
+
+
+def reference_encoding(model, px):
+    """Features and saliency without shared.scoring: the tower's own eager attention weights."""
+    out = model.model.vision_tower(px, output_hidden_states=True, output_attentions=True)
+    return out.hidden_states[-1], out.attentions[-1].double().mean(dim=2).mean(dim=1)
+
+
+def language_model_input(model, fn):
+    seen = []
+
+    def hook(_m, _a, kw):
+        if not seen:
+            seen.append((kw["inputs_embeds"].detach().clone(), kw.get("attention_mask")))
+
+    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = fn()
+    finally:
+        h.remove()
+    return seen[0], result
+
+
+def test_grid_is_a_parameter(model):
+    assert grid_of(model) == GRID
+
+
+def test_llm_receives_exactly_the_kept_tokens_and_one_newline_per_view(model):
+    views = scene_views(3)
+    inputs = inputs_for(views)
+    pruner = SeGPruner(tokens=5, important_ratio=0.4, lam=0.5)
+    geom = geometry_from_views(views, grid=GRID, patch=14)
+    (embeds, mask), res = language_model_input(
+        model, lambda: segprune_generate(model, inputs, pruner, [geom], max_new_tokens=2, do_sample=False))
+    feats, sal = reference_encoding(model, inputs["pixel_values"])
+    keep = pruner.select(sal.float(), feats, geom.centroids, geom.valid)
+    assert keep.sum(1).tolist() == [5, 5, 5] and torch.equal(keep, res.inputs.keep[0])
+    core = model.model
+    ids = inputs["input_ids"][0]
+    emb = model.get_input_embeddings()
+    rows = [emb(ids[:5])]
+    for v in range(3):
+        rows += [core.multi_modal_projector(feats[v][keep[v]]), core.image_newline[None]]
+    rows.append(emb(ids[-7:]))
+    want = torch.cat(rows)
+    assert embeds.shape == (1, 5 + 3 * 6 + 7, 64)
+    assert torch.allclose(embeds[0], want, atol=1e-5)
+    assert res.inputs.visual_tokens == [18] and res.inputs.text_tokens == [12]
+    assert res.inputs.records[0].llm_tokens == 18
+
+
+def test_keeping_every_token_equals_the_unpruned_model(model):
+    views = scene_views(3, seed=1)
+    inputs = inputs_for(views, seed=1)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        ref_logits = model(**inputs).logits[0, -1]
+    everything = SeGPruner(tokens=P, important_ratio=1.0)
+    out = segprune_generate(model, inputs, everything, max_new_tokens=8, do_sample=False)
+    assert out.sequences[0].tolist() == ref.tolist()
+    with scene_context(everything, grid=GRID):
+        pruned = prune_inputs(model, inputs)
+    assert torch.equal(pruned.input_ids, inputs["input_ids"])
+    with torch.no_grad():
+        logits = model(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask).logits[0, -1]
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,tokens", [("per_view", 4), ("per_scene", 9)])
+def test_per_view_and_per_scene_budgets(model, mode, tokens):
+    views = scene_views(3, seed=2)
+    inputs = inputs_for(views, seed=2)
+    pruner = SeGPruner(tokens=tokens, important_ratio=0.25, lam=0.5, mode=mode)
+    out = segprune_generate(model, inputs, pruner, [geometry_from_views(views, grid=GRID)], max_new_tokens=3,
+                            do_sample=False)
+    per_view = out.inputs.records[0].per_view
+    if mode == "per_view":
+        assert per_view == [4, 4, 4]
+    else:
+        assert sum(per_view) == 9
+    assert out.inputs.visual_tokens == [sum(per_view) + 3]
+    assert int((out.inputs.input_ids == IMG).sum()) == sum(per_view) + 3
+    assert out.sequences.shape == (1, 3)
+
+
+def test_left_padded_batch_equals_single_samples(model):
+    va, vb = scene_views(2, seed=3), scene_views(3, seed=4)
+    a, b = inputs_for(va, prefix=3, suffix=4, seed=3), inputs_for(vb, prefix=6, suffix=5, seed=4)
+    pruner = SeGPruner(tokens=6, important_ratio=0.5, lam=0.5)
+    ga, gb = geometry_from_views(va, grid=GRID), geometry_from_views(vb, grid=GRID)
+    la, lb = a["input_ids"].shape[1], b["input_ids"].shape[1]
+    length = max(la, lb)
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    ids[0, length - la:], mask[0, length - la:] = a["input_ids"][0], 1
+    ids[1, length - lb:], mask[1, length - lb:] = b["input_ids"][0], 1
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]),
+                 image_sizes=torch.tensor([[SIZE, SIZE]] * 5), batch_num_images=torch.tensor([2, 3]))
+    both = segprune_generate(model, batch, pruner, [ga, gb], max_new_tokens=4, do_sample=False)
+    one = segprune_generate(model, a, pruner, [ga], max_new_tokens=4, do_sample=False)
+    two = segprune_generate(model, b, pruner, [gb], max_new_tokens=4, do_sample=False)
+    assert both.inputs.attention_mask[0, 0] == 0  # left padding kept
+    assert both.inputs.visual_tokens == [2 * 7, 3 * 7]
+    assert both.sequences[0].tolist() == one.sequences[0].tolist()
+    assert both.sequences[1].tolist() == two.sequences[0].tolist()
+
+
+def test_patch_centroids_follow_the_token_grid():
+    # 56x28 frames padded to 56x56: rows 0-13 and 42-55 (the first and last token rows) are padding
+    views = prepare_views(make_room_scene(n_views=2, height=28, width=56, seed=5), size=SIZE, padding="mean")
+    geom = geometry_from_views(views, grid=GRID, patch=14)
+    d, K, T = views.depth.double(), views.K.double(), views.cam2world.double()
+    for v, r, c in [(0, 1, 2), (1, 2, 0), (1, 0, 3)]:
+        ys, xs = torch.meshgrid(torch.arange(r * 14, r * 14 + 14), torch.arange(c * 14, c * 14 + 14), indexing="ij")
+        z = d[v, ys, xs]
+        ok = z > 0
+        cam = torch.stack([(xs - K[v, 0, 2]) / K[v, 0, 0] * z, (ys - K[v, 1, 2]) / K[v, 1, 1] * z, z], -1)[ok]
+        world = cam @ T[v, :3, :3].T + T[v, :3, 3]
+        token = r * GRID + c
+        assert bool(geom.valid[v, token]) == bool(ok.any())
+        if ok.any():
+            assert torch.allclose(geom.centroids[v, token].double(), world.mean(0), atol=1e-4)
+    assert not bool(geom.valid[:, :GRID].any()) and not bool(geom.valid[:, -GRID:].any())
+    assert bool(geom.valid[:, GRID:-GRID].all())
+    compat = geometry_from_views(views, grid=GRID, patch=14, compat_released=True)
+    assert bool(compat.valid.all())  # released: every token is a candidate
+
+
+def test_errors_name_the_parameter(model):
+    views = scene_views(2)
+    inputs = inputs_for(views)
+    pruner = SeGPruner(tokens=4, important_ratio=1.0)
+    ids = torch.cat([inputs["input_ids"][:, :5], inputs["input_ids"][:, 7:]], dim=1)  # two placeholders lost
+    bad = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+    with pytest.raises(ValueError, match=r"^input_ids: sample 0 has 32 image placeholders, expected 2 views"):
+        segprune_generate(model, bad, pruner, max_new_tokens=1)
+    single = dict(inputs, pixel_values=torch.randn(1, 3, 3, SIZE, SIZE), image_sizes=torch.tensor([[SIZE, 2 * SIZE]]),
+                  batch_num_images=torch.tensor([1]))
+    with pytest.raises(NotImplementedError, match=r"^images: .*single-crop"):
+        segprune_generate(model, single, pruner, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"^attention_mask: expected shape \(1, 44\)"):
+        segprune_generate(model, dict(bad, attention_mask=inputs["attention_mask"]), pruner, max_new_tokens=1)
+    with scene_context(pruner, grid=27), pytest.raises(ValueError, match="^grid: "):
+        prune_inputs(model, inputs)
+    with pytest.raises(ValueError, match=r"^views: SeGPruner picks 2 tokens by 3D distance"):
+        segprune_generate(model, inputs, SeGPruner(tokens=4, important_ratio=0.5), max_new_tokens=1)
+    with pytest.raises(RuntimeError, match="^pruner: "):
+        prune_inputs(model, inputs)
+
+
+def test_demo_runs_and_writes_the_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from shared.demo_segpruner import main
+
+    assert main(["--out", str(tmp_path), "--views", "3", "--tokens", "20", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 views x (729 grid + 1 newline) = 2190 visual tokens" in out
+    assert "kept grid tokens per view: [20, 20, 20]" in out
+    assert out.count("LLM visual tokens: 63 (+55 text)") == 2  # per_view and per_scene (60 in all)
+    for name in ("kept_per_view.png", "kept_per_scene.png", "centroids_3d.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
