@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: sets up the base environment and transformers 5.x, then
-# runs FastV and PyramidDrop through the engine on a tiny random LLaVA (no downloads) and prints
-# tokens per layer, timings, FLOPs at 7B dims and the papers' efficiency figures beside ours.
-# Extra arguments go to `python -m shared.demo` (e.g. --model DIR --image FILE for real weights).
+# The main job on its embedded default (no downloads): sets up the base environment and
+# transformers 5.x, then
+#   1. SeGPruner (per_view and per_scene) on a synthetic 12-view RGB-D room through a tiny random
+#      LLaVA-OneVision at the real 27x27 SigLIP grid: tokens kept, TFLOPs at Qwen2-7B dims, measured
+#      prefill speed-up, and PNGs (kept tokens over each view; kept-token centroids in 3D) in
+#      outputs/segpruner_demo/;
+#   2. FastV, PyramidDrop and LVLM_CSP through the in-decoder engine on a tiny random LLaVA-1.5
+#      (576 image tokens), with FLOPs at LLaMA-7B dims and the papers' efficiency figures beside ours.
+#
+#   bash scripts/demo.sh                                   # both, on the embedded defaults
+#   bash scripts/demo.sh segpruner --model DIR --scene DIR # a real LLaVA-OneVision (HF folder) on a real scene
+#   bash scripts/demo.sh llava --model DIR --image FILE    # a real LLaVA-1.5 (HF folder)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_test_envs.sh 5.23.0 >&2
-PYTHONPATH=.venvs/tf-5.23.0 exec .venvs/base/bin/python -m shared.demo "$@"
+bash scripts/setup_test_envs.sh --no-yolo 5.23.0 >&2
+PY=(env PYTHONPATH=.venvs/tf-5.23.0 .venvs/base/bin/python)
+which="${1:-all}"
+case "$which" in
+    segpruner) shift; exec "${PY[@]}" -m shared.demo_segpruner --out outputs/segpruner_demo "$@" ;;
+    llava) shift; exec "${PY[@]}" -m shared.demo "$@" ;;
+    all)
+        [ $# -le 1 ] || { echo "usage: scripts/demo.sh [segpruner|llava [ARGS...]]" >&2; exit 2; }
+        "${PY[@]}" -m shared.demo_segpruner --out outputs/segpruner_demo
+        echo
+        "${PY[@]}" -m shared.demo ;;
+    *) echo "usage: scripts/demo.sh [segpruner|llava [ARGS...]]" >&2; exit 2 ;;
+esac

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create the test environments CI needs (idempotent).
 #
-#   .venvs/base            python3 -m venv with torch==2.13.0 (CPU), numpy, scipy,
-#                          pytest, tqdm and this repo installed editable.
+#   .venvs/base            python3 -m venv with torch==2.13.0 (CPU), numpy, scipy, pytest,
+#                          tqdm, pillow, pycocoevalcap, matplotlib, einops and this repo (editable).
 #   .venvs/tf-<version>    `pip install --target` dirs, one per transformers version,
 #                          used as  PYTHONPATH=.venvs/tf-<version> .venvs/base/bin/python ...
 #                          They hold transformers and its pure deps (huggingface_hub,
@@ -36,7 +36,9 @@ BASE_PY="$BASE/bin/python"
 
 # torch==2.13.0 resolves to the local CPU wheel on this machine (pip only; keep pip for it).
 TORCH_SPEC="torch==2.13.0"
-BASE_PKGS=(numpy scipy pytest tqdm)
+# pillow: image I/O (scenes, Seg-First); pycocoevalcap (+pycocotools): the official caption/QA scorer;
+# matplotlib: demo pictures; einops: imported by the LLaVA-NeXT fork's model code (fork tests).
+BASE_PKGS=(numpy scipy pytest tqdm pillow pycocoevalcap matplotlib einops)
 
 TF_VERSIONS=(4.31.0 4.37.2 4.39.3 4.40.2 5.23.0)
 
@@ -101,7 +103,7 @@ setup_base() {
     run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --no-build-isolation -e "$REPO_ROOT" \
         || run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" -e "$REPO_ROOT"
     run "$BASE_PY" - <<'EOF'
-import sys, torch, numpy, scipy, pytest, tqdm, shared
+import sys, torch, numpy, scipy, pytest, tqdm, PIL, pycocoevalcap, matplotlib, einops, shared
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("base ok: python", sys.version.split()[0], "torch", torch.__version__,
       "numpy", numpy.__version__, "scipy", scipy.__version__, "pytest", pytest.__version__)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: builds the test environments if needed, then runs the suite once per
 # transformers version the hosts pin (4.31 LISA, 4.37.2 LLaVA-3D, 4.39.3 Chat-Scene, 4.40.2
-# LLaVA-NeXT) and the latest 5.x (native path). Extra arguments go to pytest.
+# LLaVA-NeXT) and the latest 5.x (native path), then the real-YOLO Seg-First test in .venvs/yolo.
+# Extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_test_envs.sh || { echo "test environments could not be set up" >&2; exit 1; }
@@ -11,20 +12,37 @@ LATEST=${VERSIONS[-1]}
 failed=0
 passed_total=0
 failed_total=0
-for v in "${VERSIONS[@]}"; do
-    # version-independent tests (accounting, tooling) run once, with the latest transformers
-    if [ "$v" = "$LATEST" ]; then targets=(tests); else targets=(tests/engine tests/test_native_hf.py); fi
-    echo "=== transformers $v: ${targets[*]}"
+# run_suite LABEL COMMAND...: run one pytest invocation, print it, add its counts to the totals
+run_suite() {
+    local label="$1" log rc p f
+    shift
+    echo "=== $label"
     log=$(mktemp)
-    PYTHONPATH=".venvs/tf-$v" .venvs/base/bin/python -m pytest "${targets[@]}" -q -p no:cacheprovider "$@" 2>&1 | tee "$log"
+    "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-    if [ "$rc" = 5 ]; then rc=0; echo "(no tests collected for $v)"; fi
+    if [ "$rc" = 5 ]; then rc=0; echo "(no tests collected for $label)"; fi
     [ "$rc" = 0 ] || failed=1
     p=$(grep -Eo '[0-9]+ passed' "$log" | tail -1 | grep -Eo '[0-9]+' || true)
     f=$(grep -Eo '[0-9]+ (failed|errors?)' "$log" | tail -2 | awk '{s += $1} END {print s + 0}')
     passed_total=$((passed_total + ${p:-0}))
     failed_total=$((failed_total + ${f:-0}))
     rm -f "$log"
+}
+
+for v in "${VERSIONS[@]}"; do
+    # version-independent tests (accounting, tooling, metrics) run once, with the latest transformers;
+    # the engine runs on every pin, and LISA's host code also on its own pin (4.31)
+    if [ "$v" = "$LATEST" ]; then
+        targets=(tests)
+    elif [ "$v" = 4.31.0 ]; then
+        targets=(tests/engine tests/test_lisa_host.py tests/test_prellm_baselines.py)
+    else
+        targets=(tests/engine)
+    fi
+    run_suite "transformers $v: ${targets[*]}" \
+        env PYTHONPATH=".venvs/tf-$v" .venvs/base/bin/python -m pytest "${targets[@]}" -q -p no:cacheprovider "$@"
 done
-echo "all transformers versions: ${passed_total} passed, ${failed_total} failed"
+run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
+    env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
+echo "all environments: ${passed_total} passed, ${failed_total} failed"
 exit $failed

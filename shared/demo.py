@@ -3,7 +3,7 @@
     python -m shared.demo                                   # tiny random LLaVA-1.5 built from config
     python -m shared.demo --model /path/llava-1.5-7b-hf --image img.jpg --prompt "What is in the image?"
 
-It runs the unpruned model, FastV and PyramidDrop through the engine on the same prompt
+It runs the unpruned model, FastV, PyramidDrop and LVLM_CSP through the engine on the same prompt
 (576 image tokens, as LLaVA-1.5 at 336 px), prints the visual tokens each decoder layer saw, the
 generated tokens, the measured prefill time, the prefill FLOPs of the same schedules at LLaMA-7B
 dims, and then our efficiency figures beside the papers' (``shared.paper_tables``).
@@ -21,6 +21,7 @@ import torch
 from .accounting import CONVENTIONS, DIMS, Efficiency
 from .hosts import prune
 from .methods import FastV, PyramidDrop
+from .methods.lvlm_csp import LVLMCSP, preset
 from .paper_tables import all_rows, format_rows
 
 
@@ -96,6 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("unpruned", None, None),
         (f"FastV K={k} R=25%", FastV(layer=k, keep_ratio=0.25), FastV(layer=2, keep_ratio=0.25)),
         (f"PDrop λ=0.5 at {list(stages)}", PyramidDrop(layers=stages, ratio=0.5), PyramidDrop(ratio=0.5)),
+        # LVLM_CSP, CLS clustering from the CLIP tower's last layer; the paper's 336-px (6,128,9,32) at 32 layers
+        (
+            f"LVLM_CSP CLS (Lc,Nc,Ls,Np)=({max(1, round(6 * s))},128,{max(1, round(9 * s))},32)",
+            LVLMCSP(max(1, round(6 * s)), 128, max(1, round(9 * s)), 32, clustering="cls"),
+            preset("7b-336/6-128-9-32", clustering="cls"),
+        ),
     ]
     ids = inputs["input_ids"]
     n_vis = int((ids == model.config.image_token_id).sum())

@@ -26,7 +26,6 @@ tracking = -inf), calibrated ``intrinsic_depth``/``intrinsic_color`` taken as th
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .scannet import (
     _check_principal_point,
     apply_pose_policy,
     intrinsics_3x3,
+    question_entries,
     read_depth_png,
     read_matrix,
     read_rgb,
@@ -203,18 +203,8 @@ class OpenEQAQuestion:
 
 def load_openeqa(path: str) -> List[OpenEQAQuestion]:
     """OpenEQA JSON (a list of {question, answer, category, question_id, episode_history[, extra_answers]})."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, list):
-        raise ValueError(f"path: {path}: expected a JSON list of questions, got {type(data).__name__}")
     out = []
-    for i, e in enumerate(data):
-        where = f"{path}: entry {i}"
-        if not isinstance(e, dict):
-            raise ValueError(f"{where}: expected an object, got {type(e).__name__}")
-        for key in ("question", "answer", "category", "question_id", "episode_history"):
-            if not isinstance(e.get(key), str):
-                raise ValueError(f"{where}: '{key}' must be a string, got {e.get(key)!r}")
+    for where, e in question_entries(path, ("question", "answer", "category", "question_id", "episode_history")):
         extra = e.get("extra_answers")
         if extra is not None:
             if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -288,20 +288,26 @@ def _str_list(entry: dict, key: str, where: str) -> Optional[Tuple[str, ...]]:
     return tuple(v)
 
 
-def load_scanqa(path: str) -> List[ScanQAQuestion]:
-    """ScanQA JSON (a list of {answers, object_ids, object_names, question, question_id, scene_id})."""
+def question_entries(path: str, string_keys: Sequence[str]) -> Iterator[Tuple[str, dict]]:
+    """(where, entry) for each object of a JSON list of questions, checking that ``string_keys`` are strings."""
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if not isinstance(data, list):
         raise ValueError(f"path: {path}: expected a JSON list of questions, got {type(data).__name__}")
-    out = []
     for i, e in enumerate(data):
         where = f"{path}: entry {i}"
         if not isinstance(e, dict):
             raise ValueError(f"{where}: expected an object, got {type(e).__name__}")
-        for key in ("question", "question_id", "scene_id"):
+        for key in string_keys:
             if not isinstance(e.get(key), str):
                 raise ValueError(f"{where}: '{key}' must be a string, got {e.get(key)!r}")
+        yield where, e
+
+
+def load_scanqa(path: str) -> List[ScanQAQuestion]:
+    """ScanQA JSON (a list of {answers, object_ids, object_names, question, question_id, scene_id})."""
+    out = []
+    for where, e in question_entries(path, ("question", "question_id", "scene_id")):
         ids = None
         if "object_ids" in e:
             ids = e["object_ids"]

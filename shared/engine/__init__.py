@@ -37,6 +37,11 @@ __all__ = [
 def pruning(decoder: nn.Module, method: Any) -> Iterator[DecoderRunner]:
     """Run ``decoder`` through the engine with ``method`` (a method config, or None for a pass-through
     that must reproduce the stock decoder). Yields the runner (``prepare``, ``last_stats``)."""
+    if method is not None and not callable(getattr(method, "make_plan", None)):
+        raise TypeError(
+            f"method: {type(method).__name__} is not an in-decoder method (it builds no plan); pre-LLM "
+            f"reducers and selectors run on the vision side (see shared.hosts.selection / shared.hosts.lisa)"
+        )
     runner = DecoderRunner(decoder, method)
     with patched_forward(decoder, runner.forward):
         yield runner

@@ -41,7 +41,7 @@ def _run(model, method, emb, mask=None, spans=None, guidance=None, selection=Non
             guidance_index=guidance if guidance is not None else [SEG] * batch,
             visual_selection=selection,
         )
-        out = model.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        out = model.model(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
     return out, eng.last_stats
 
 
@@ -55,7 +55,7 @@ def test_full_budgets_reproduce_the_unpruned_model_exactly(kind, impl):
         for cfg in (LVLMCSP(2, N, 2, N), LVLMCSP(0, 1, LAYERS, 1), LVLMCSP(3, N, 3, 1)):
             with pruning(model.model, cfg) as eng:
                 eng.prepare(visual_spans=[VIS], guidance_index=[SEG])
-                out = model(input_ids=ids, attention_mask=mask).logits
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             assert torch.equal(ref, out), cfg.paper_tuple
 
 
@@ -151,7 +151,7 @@ def test_measured_token_counts_reproduce_the_papers_n_avg_and_tflops(row):
     _, emb = _embeds(model, length=length)
     with torch.no_grad(), pruning(model.model, cfg) as eng:
         eng.prepare(visual_spans=[(start, start + n)], guidance_index=[length - 3])
-        model.model(inputs_embeds=emb)
+        model.model(inputs_embeds=emb, use_cache=False)
     dims = DIMS["llama-13b" if row["model"].startswith("13B") else "llama-7b"]
     eff = from_stats(eng.last_stats, dims, CONVENTIONS["lvlm_csp"])[0]
     assert eff.text_tokens == t
@@ -208,3 +208,12 @@ def test_bad_runs_name_the_parameter():
     ]:
         with pytest.raises(ValueError, match=match):
             _run(model, cfg, emb, selection=sel)
+
+
+def test_a_pre_llm_method_is_refused_by_the_engine():
+    from shared.methods.visionzip import VisionZip
+
+    model = tiny.build("llama", "eager", layers=2)
+    with pytest.raises(TypeError, match="^method: VisionZip is not an in-decoder method"):
+        with pruning(model.model, VisionZip()):
+            pass
