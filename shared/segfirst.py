@@ -175,7 +175,8 @@ def check_image(image) -> np.ndarray:
     return image
 
 
-def _check_source_output(out, image: np.ndarray) -> np.ndarray:
+def check_source_output(out, image: np.ndarray) -> np.ndarray:
+    """A mask source's output as (M, H, W) bool, checked to be at the size of ``image`` (H, W, 3)."""
     m = _as_bool_masks(out).numpy()
     h, w = image.shape[:2]
     if m.shape[1:] != (h, w):
@@ -196,7 +197,7 @@ class CallableMaskSource:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         image = check_image(image)
-        return _check_source_output(self.fn(image), image)
+        return check_source_output(self.fn(image), image)
 
 
 def _import_yolo():
@@ -312,7 +313,7 @@ def seg_first_select(
     image = check_image(image)
     if not callable(source):
         raise TypeError(f"source: expected a mask source callable, got {type(source).__name__}")
-    masks = _check_source_output(source(image), image)
+    masks = check_source_output(source(image), image)
     grid = masks_to_grid(masks, size=size, patch=patch, threshold=threshold)
     return seg_first_tokens(
         grid.token_sets,
@@ -333,6 +334,7 @@ __all__ = [
     "MaskSource",
     "YoloMaskSource",
     "check_image",
+    "check_source_output",
     "clip_crop_geometry",
     "masks_to_grid",
     "seg_first_select",

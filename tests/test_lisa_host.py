@@ -334,6 +334,10 @@ def test_seg_first_reads_the_original_image_and_maps_masks_through_the_clip_crop
         model.model_forward(img, ids, mask, pruner=pruner, image_paths=None)
     with pytest.raises(ValueError, match="mask_source"):
         lisa.LisaPruner(method=cfg)
+    # a plain callable returning masks at another size (e.g. YOLO's letterboxed shape) is refused
+    letterboxed = lisa.LisaPruner(method=cfg, mask_source=lambda im: np.ones((1, 64, 64), dtype=bool))
+    with pytest.raises(ValueError, match=r"^masks: the mask source returned shape \(1, 64, 64\), expected \(M, 56, 112\)"):
+        model.model_forward(img, ids, mask, pruner=letterboxed, image_paths=[str(path)])
 
 
 @pytest.mark.parametrize("reducer", [PruMerge(adaptive=False, reduction_ratio=0.25, neighbours=3),
@@ -371,6 +375,8 @@ def test_configuration_errors_name_the_parameter(model):
         lisa.LisaPruner(method=FastV(layer=2, keep=4), query="first")
     with pytest.raises(TypeError, match="method"):
         lisa.LisaPruner(method="fastv")
+    with pytest.raises(ValueError, match="^query: LVLM_CSP ranks with the \\[SEG\\]"):
+        lisa.LisaPruner(method=LVLMCSP(2, 6, 2, 4), query="seg")
     ids, mask, _ = make_batch()
     no_seg = ids.clone()
     no_seg[no_seg == SEG] = DOT

@@ -320,3 +320,18 @@ def test_pruning_combines_attach_and_scene_context():
         assert session.model is fork
     assert [o.shape[0] for o in out] == [3, 3]
     assert llava_next.select_image_tokens(fork, merged, split_sizes=[1, 1]) is merged  # context closed
+
+
+def test_scene_context_raises_on_a_non_finite_pose_or_excludes_that_view():
+    from shared.datasets import make_room_scene, prepare_views
+    from shared.hosts.selection import scene_context
+    from shared.methods import SeGPruner
+
+    prep = prepare_views(make_room_scene(n_views=3, seed=1), size=384)
+    prep.cam2world[1, 0, 3] = float("-inf")  # ScanNet marks lost tracking this way
+    with pytest.raises(ValueError, match="^cam2world: view 1 has non-finite entries"):
+        with scene_context(SeGPruner(16), prep):
+            pass
+    with scene_context(SeGPruner(16), prep, on_invalid_pose="exclude") as ctx:
+        (geo,) = ctx.geometry
+    assert not bool(geo.valid[1].any()) and bool(geo.valid[0].any()) and bool(geo.valid[2].any())

@@ -480,7 +480,7 @@ def table(results: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]
     task = results[0]["run"]["task"]
     notes: List[str] = []
     if task == "scanqa":
-        keys = ["EM@1", "EM@1-refined", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+        keys = ["EM@1", "EM@1-refined", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
         header = ["Method", "Tokens/view", "Reduction %"] + keys
     else:
         groups = ["ScanNet", "HM3D", "All"]

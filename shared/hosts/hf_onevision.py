@@ -282,6 +282,7 @@ def segprune_generate(
     views: Any = None,
     *,
     patch: int = 14,
+    on_invalid_pose: str = "raise",
     **generate_kwargs: Any,
 ) -> PrunedGeneration:
     """Select, project the kept tokens, and ``generate`` (see the module docstring).
@@ -289,11 +290,14 @@ def segprune_generate(
     inputs: the processor output (``input_ids``, ``attention_mask``, ``pixel_values``,
     ``image_sizes``, ``batch_num_images``). pruner/views: a selector and the views' geometry (one
     entry per sample) for a ``scene_context`` opened here; without them the active one is used.
+    on_invalid_pose: "raise" or "exclude" (views with a non-finite pose get no geometry).
     generate_kwargs: passed to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample=False``).
     """
     with ExitStack() as stack:
         if pruner is not None:
-            stack.enter_context(scene_context(pruner, views, grid=grid_of(model), patch=patch))
+            stack.enter_context(
+                scene_context(pruner, views, grid=grid_of(model), patch=patch, on_invalid_pose=on_invalid_pose)
+            )
         elif views is not None:
             raise ValueError("views: given without a pruner; pass pruner= too or open a scene_context")
         pruned = prune_inputs(model, inputs)

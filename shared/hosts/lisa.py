@@ -39,7 +39,8 @@ from ..engine import DecoderRunner, PrefillStats, pruning
 #: LLaVA's placeholder for the image in ``input_ids`` (``utils.utils.IMAGE_TOKEN_INDEX``).
 IMAGE_TOKEN_INDEX = -200
 
-#: Scoring-query rows for in-LLM methods (FastV, PyramidDrop; LVLM_CSP's ``query_index``):
+#: Scoring-query rows for FastV and PyramidDrop (LVLM_CSP ranks with [SEG] itself, or the row
+#: before it with the method's ``seg_query="pre_seg"``):
 #: ``pre_seg`` the token before [SEG] (ASSISTANT's ":", the last prompt token, whose hidden state
 #: LISA sends to SAM), ``seg`` the [SEG] token itself, ``last`` each row's last valid token (</s>).
 QUERIES = ("pre_seg", "seg", "last")
@@ -148,7 +149,8 @@ class LisaPruner:
     reducer: pre-LLM reducer (``PruMerge``, ``PruMergePlus``, ``VisionZip``) or None; not both.
     mask_source: Seg-First instance masks, callable (H, W, 3) uint8 RGB → (M, H, W) (e.g.
         ``shared.segfirst.YoloMaskSource``); required for LVLM_CSP ``clustering="seg_first"``.
-    query: scoring query of in-LLM methods, one of ``QUERIES`` (default ``pre_seg``).
+    query: scoring query of FastV/PyramidDrop, one of ``QUERIES`` (default ``pre_seg``); LVLM_CSP
+        ranks with the guidance token [SEG] and its own ``seg_query``, so ``query`` must stay default.
     mask_threshold: patch coverage that puts a patch into an instance's token set (Seg-First).
     records: one ``LisaRecord`` appended per forward.
     """
@@ -177,6 +179,11 @@ class LisaPruner:
             raise ValueError("method/reducer: give an in-LLM method or a pre-LLM reducer, not both")
         if self.query not in QUERIES:
             raise ValueError(f"query: expected one of {', '.join(QUERIES)}, got {self.query!r}")
+        if self.query != "pre_seg" and hasattr(self.method, "seg_query"):
+            raise ValueError(
+                "query: LVLM_CSP ranks with the [SEG] token (or the row before it); choose that with the "
+                "method's seg_query='seg'|'pre_seg', not with LisaPruner.query"
+            )
         if self.mask_source is not None and not callable(self.mask_source):
             raise TypeError(f"mask_source: expected a callable image -> (M, H, W) masks, got {type(self.mask_source).__name__}")
         t = self.mask_threshold
@@ -338,11 +345,11 @@ def seg_first_selection(model: nn.Module, pruner: LisaPruner, image_path: str, v
     """LVLM_CSP Seg-First selection for one image: instance masks of the ORIGINAL image at
     ``image_path`` → CLIP grid (the tower's image/patch size) → ``method.cluster``. Returns
     (indices (|S|,), info dict with ``instances`` and the method's info)."""
-    from ..segfirst import masks_to_grid
+    from ..segfirst import check_source_output, masks_to_grid
 
     size, patch = tower_geometry(model)
     image = _load_rgb(image_path)
-    masks = pruner.mask_source(image)
+    masks = check_source_output(pruner.mask_source(image), image)  # (M, H, W) at the original image size
     grid = masks_to_grid(masks, size=size, patch=patch, threshold=pruner.mask_threshold)
     if grid.num_tokens != visual_tokens:
         raise ValueError(

@@ -163,10 +163,10 @@ def geometry_from_views(
     return SceneGeometry(centroids=centroids, valid=valid)
 
 
-def _as_geometry(views: Any, grid: int, patch: int) -> Optional[SceneGeometry]:
+def _as_geometry(views: Any, grid: int, patch: int, **options: Any) -> Optional[SceneGeometry]:
     if views is None or isinstance(views, SceneGeometry):
         return views
-    return geometry_from_views(views, grid=grid, patch=patch)
+    return geometry_from_views(views, grid=grid, patch=patch, **options)
 
 
 # -------------------------------------------------------------------------------------- context
@@ -290,20 +290,26 @@ def scene_context(
     *,
     grid: Optional[int] = None,
     patch: int = DEFAULT_PATCH,
+    on_invalid_pose: str = "raise",
+    compat_released: bool = False,
 ) -> Iterator[SelectionContext]:
     """Make ``pruner`` and the geometry of the current call's views active for the block.
 
     views: geometry per sample, each a ``PreparedViews`` (back-projected here), a ``SceneGeometry``
     (precomputed centroids) or None (no geometry: fine for selectors that do not use it); a single
     entry (not a list) means one sample. grid: tokens per view side (27 for LLaVA-OneVision; None:
-    taken from the features). patch: pixels per token side (14).
+    taken from the features). patch: pixels per token side (14). on_invalid_pose / compat_released:
+    passed to ``geometry_from_views`` for ``PreparedViews`` entries ("exclude" leaves a view with a
+    non-finite pose without geometry instead of raising).
     """
     if isinstance(views, (list, tuple)):
         entries = list(views)
     else:
         entries = [] if views is None else [views]
     g = grid if grid is not None else DEFAULT_GRID
-    geometry = [_as_geometry(v, g, patch) for v in entries]
+    geometry = [
+        _as_geometry(v, g, patch, on_invalid_pose=on_invalid_pose, compat_released=compat_released) for v in entries
+    ]
     ctx = SelectionContext(pruner, geometry, grid)
     token = _ACTIVE.set(ctx)
     try:

@@ -66,7 +66,7 @@ class LVLMCSP(LayerMethod):
             raise ValueError(f"uniform_layout: expected 'literal' or 'grid', got {self.uniform_layout!r}")
         if self.seg_query not in ("seg", "pre_seg"):
             raise ValueError(f"seg_query: expected 'seg' or 'pre_seg', got {self.seg_query!r}")
-        if not isinstance(self.seed, int):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
 
     # ------------------------------------------------------------------ config
@@ -168,8 +168,11 @@ class LVLMCSP(LayerMethod):
         guidance = request.guidance_index if request.guidance_index is not None else request.query_index
         if self.seg_query == "pre_seg":
             guidance = guidance - 1
-            if bool((guidance < 0).any()):
-                raise ValueError("seg_query: 'pre_seg' needs a token before the guidance token")
+            if bool((guidance < 0).any()) or bool(request.visual_mask.gather(1, guidance.clamp(min=0)[:, None]).any()):
+                raise ValueError(
+                    "seg_query: 'pre_seg' needs a text token right before the guidance token (got the sequence "
+                    "start or an image token)"
+                )
         return _CSPPlan(self, request, selection, guidance, num_layers)
 
 

@@ -183,6 +183,7 @@ def test_presets_cover_table_6_and_override():
         (dict(clustering="kmeans"), "^clustering"),
         (dict(uniform_layout="diag"), "^uniform_layout"),
         (dict(seg_query="cls"), "^seg_query"),
+        (dict(seed=True), "^seed"),
     ],
 )
 def test_bad_configs_name_the_parameter(kwargs, match):
@@ -208,6 +209,9 @@ def test_bad_runs_name_the_parameter():
     ]:
         with pytest.raises(ValueError, match=match):
             _run(model, cfg, emb, selection=sel)
+    # 'pre_seg' right after the image would score (and could prune) an image token
+    with pytest.raises(ValueError, match="^seg_query"):
+        _run(model, LVLMCSP(2, 8, 2, 4, seg_query="pre_seg"), emb, guidance=[VIS[1]])
 
 
 def test_a_pre_llm_method_is_refused_by_the_engine():
