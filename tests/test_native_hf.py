@@ -191,3 +191,12 @@ def test_csp_seg_first_selects_inside_the_instance_masks():
     keep = torch.sort(torch.cat([(ids[0] != IMG).nonzero().flatten(), vis_pos[sel]])).values
     assert torch.equal(h0, emb[keep])
     assert stats.visual[0].tolist() == [len(sel), 16, 2, 2]
+
+
+def test_csp_seg_first_refuses_masks_mapped_to_another_grid():
+    from shared.methods.lvlm_csp import LVLMCSP
+    from shared.segfirst import masks_to_grid
+
+    grid = masks_to_grid(torch.ones(1, 60, 80, dtype=torch.bool), size=224, patch=14)  # 16x16 = 256 tokens
+    with pytest.raises(ValueError, match=r"^grid_masks: masks were mapped onto a 16x16 grid \(256 tokens\)"):
+        LVLMCSP(1, 4, 1, 2, clustering="seg_first").cluster(16, grid_masks=grid)
