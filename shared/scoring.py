@@ -48,6 +48,28 @@ def capture_input(module: nn.Module) -> Iterator[CapturedInput]:
         handle.remove()
 
 
+def tower_layers(tower: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a HF CLIP or SigLIP vision tower.
+
+    Accepts ``CLIPVisionModel``/``SiglipVisionModel`` (layers at ``.vision_model.encoder.layers`` on
+    transformers 4.x, ``.encoder.layers`` on 5.x) and the bare ``*VisionTransformer``
+    (``.encoder.layers``). LLaVA/LISA/LLaVA-NeXT wrap the model in a tower class whose
+    ``.vision_tower`` is the model to pass here.
+    """
+    for path in (("vision_model", "encoder", "layers"), ("encoder", "layers")):
+        m = tower
+        for attr in path:
+            m = getattr(m, attr, None)
+            if m is None:
+                break
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            return m
+    raise TypeError(
+        f"tower: expected a HF CLIP/SigLIP vision tower with .vision_model.encoder.layers or .encoder.layers, "
+        f"got {type(tower).__name__} (for the hosts' tower wrappers pass their .vision_tower)"
+    )
+
+
 def _heads(attn: nn.Module) -> tuple:
     num_heads = getattr(attn, "num_heads", None)
     if num_heads is None:  # transformers 5.x keeps it on the config
@@ -110,4 +132,4 @@ def cls_attention(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return p[:, 0, 1:]
 
 
-__all__ = ["CapturedInput", "attention_probs", "capture_input", "cls_attention", "received_attention"]
+__all__ = ["CapturedInput", "attention_probs", "capture_input", "cls_attention", "received_attention", "tower_layers"]

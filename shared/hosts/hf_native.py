@@ -47,12 +47,12 @@ def _is_prefill(past: Any) -> bool:
 
 
 def _vision_last_attention(model: nn.Module) -> nn.Module:
+    from ..scoring import tower_layers
+
     tower = getattr(getattr(model, "model", None), "vision_tower", None) or getattr(model, "vision_tower", None)
-    vm = getattr(tower, "vision_model", tower)  # transformers < 5 nests the encoder one level deeper
-    layers = getattr(getattr(vm, "encoder", None), "layers", None)
-    if layers is None:
-        raise TypeError(f"model: no CLIP-style vision tower ([vision_model.]encoder.layers) in {type(model).__name__}")
-    return layers[-1].self_attn
+    if tower is None:
+        raise TypeError(f"model: no vision tower in {type(model).__name__}")
+    return tower_layers(tower)[-1].self_attn
 
 
 def _guidance_positions(ids: torch.Tensor, token_id: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..scoring import capture_input, received_attention
+from ..scoring import capture_input, received_attention, tower_layers
 from .selection import SelectionContext, SelectionRecord, active_context, check_single_crop, scene_context
 
 
@@ -40,16 +40,6 @@ def _core(model: nn.Module) -> nn.Module:
             f"multi_modal_projector), got {type(model).__name__}"
         )
     return core
-
-
-def _tower_layers(tower: nn.Module) -> nn.ModuleList:
-    for path in (("vision_model", "encoder", "layers"), ("encoder", "layers")):
-        m = tower
-        for attr in path:
-            m = getattr(m, attr, None)
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            return m
-    raise TypeError(f"model: no SigLIP encoder layers in vision tower {type(tower).__name__}")
 
 
 def grid_of(model: nn.Module) -> int:
@@ -76,7 +66,7 @@ def encode_views(model: nn.Module, pixel_values: torch.Tensor) -> ViewEncoding:
             f"model: vision_feature_layer={layer!r} concatenates several layers; the saliency is defined for one layer"
         )
     tower = core.vision_tower
-    layers = _tower_layers(tower)
+    layers = tower_layers(tower)
     n_hidden = len(layers) + 1
     producer = layer % n_hidden - 1  # hidden_states[i] is the output of encoder layer i - 1
     if producer < 0:

@@ -105,7 +105,7 @@ def num_patches(model: nn.Module) -> int:
 
 def last_clip_attention(model: nn.Module) -> nn.Module:
     """``self_attn`` of the tower's last encoder layer (its input is ``layer_norm1(hidden_states[-2])``)."""
-    from ..methods.prellm import tower_layers
+    from ..scoring import tower_layers
 
     return tower_layers(clip_model(model))[-1].self_attn
 

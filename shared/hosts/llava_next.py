@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 from torch import nn
 
-from ..scoring import received_attention
+from ..scoring import received_attention, tower_layers
 from .selection import (
     SelectionContext,
     active_context,
@@ -50,13 +50,9 @@ def last_vision_attention(model: nn.Module) -> nn.Module:
     """The last attention block of the fork's (truncated, 26-layer) SigLIP tower."""
     tower = model.get_vision_tower()
     inner = getattr(tower, "vision_tower", None)
-    try:
-        return inner.vision_model.encoder.layers[-1].self_attn
-    except AttributeError as exc:
-        raise TypeError(
-            f"model: expected a SigLIP vision tower (vision_tower.vision_model.encoder.layers[-1].self_attn), "
-            f"got {type(tower).__name__}"
-        ) from exc
+    if inner is None:
+        raise TypeError(f"model: expected a SigLIP tower wrapper with .vision_tower, got {type(tower).__name__}")
+    return tower_layers(inner)[-1].self_attn
 
 
 def projector(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from typing import ClassVar, Iterator, List, Optional
 import torch
 from torch import nn
 
-from ..scoring import CapturedInput, capture_input
+from ..scoring import CapturedInput, capture_input, tower_layers
 
 #: ``ReducedTokens.indices`` value of the [CLS] token.
 CLS_INDEX = -1
@@ -162,27 +162,6 @@ class PreLLMMethod:
     def __call__(self, tower: nn.Module, pixel_values: torch.Tensor) -> ReducedTokens:
         """``reduce(capture(tower, pixel_values))``."""
         return self.reduce(self.capture(tower, pixel_values))
-
-
-def tower_layers(tower: nn.Module) -> nn.ModuleList:
-    """The encoder layers of a HF CLIP vision tower.
-
-    Accepts ``CLIPVisionModel`` (layers at ``.vision_model.encoder.layers`` on transformers 4.x,
-    ``.encoder.layers`` on 5.x) and ``CLIPVisionTransformer`` (``.encoder.layers``). LLaVA/LISA wrap
-    the model in a ``CLIPVisionTower`` whose ``.vision_tower`` is the ``CLIPVisionModel`` to pass here.
-    """
-    for path in (("vision_model", "encoder", "layers"), ("encoder", "layers")):
-        m = tower
-        for attr in path:
-            m = getattr(m, attr, None)
-            if m is None:
-                break
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            return m
-    raise TypeError(
-        f"tower: expected a HF CLIP vision tower with .vision_model.encoder.layers or .encoder.layers, "
-        f"got {type(tower).__name__} (for LLaVA/LISA's CLIPVisionTower wrapper pass its .vision_tower)"
-    )
 
 
 def resolve_layer(param: str, layer: int, num_layers: int) -> int:
