@@ -98,8 +98,6 @@ def _impls(v: tuple) -> list[str]:
 
 
 def _build(cfg_cls, model_cls, impl: str, v: tuple, state=None):
-    import torch
-
     kw = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=100, max_position_embeddings=128,

@@ -13,7 +13,6 @@ Runs on transformers 4.31 (LISA's pin: ``PYTHONPATH=.venvs/tf-4.31.0``) and 5.x.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -37,7 +36,6 @@ from shared.hosts import lisa
 from shared.methods.lvlm_csp import LVLMCSP
 from shared.methods.prumerge import PruMerge
 from shared.methods.visionzip import VisionZip
-from shared.runio import ResultWriter
 
 from .engine import tiny
 

@@ -19,8 +19,8 @@ LISA sends to SAM). Without a guidance index the request's ``query_index`` is us
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
 
 import torch
 
@@ -251,9 +251,7 @@ def preset(name: str, **overrides) -> LVLMCSP:
     """A paper configuration by name, e.g. ``preset("7b-224/8-64-6-16", clustering="cls")``."""
     if name not in PRESETS:
         raise ValueError(f"name: unknown LVLM_CSP preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    import dataclasses
-
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return replace(PRESETS[name], **overrides)
 
 
 __all__ = ["CLUSTERING_MODES", "LVLMCSP", "PRESETS", "preset"]

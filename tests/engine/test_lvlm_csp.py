@@ -4,8 +4,6 @@ transformers version)."""
 from __future__ import annotations
 
 import csv
-import dataclasses
-import math
 import os
 
 import pytest
