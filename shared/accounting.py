@@ -94,10 +94,13 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims, conv: Fl
     return float(sum(layer_flops(n, dims, conv) for n in tokens_per_layer))
 
 
-def ranking_flops(tokens_at_rank: Sequence[float], dims: DecoderDims, conv: FlopsConvention) -> float:
-    """Extra cost of PDrop-style ranking: one K projection (n·d·d_kv) plus one query row (n·d) per prune point."""
-    kv = dims.kv_dim if conv.gqa else dims.hidden
-    return float(sum(conv.flops_per_mac * (n * dims.hidden * kv + n * dims.hidden) for n in tokens_at_rank))
+def ranking_flops(tokens_at_rank: Sequence[float], dims: DecoderDims, conv: FlopsConvention, query_rows: int = 1) -> float:
+    """Extra cost of ranking from a layer's q/k (PDrop/FastV/LVLM_CSP scores, ``shared.engine.probe``), per
+    scoring point over n tokens: the K projection of the n tokens (n·d·d_kv), the Q projection of the
+    query rows (q·d²) and their logits against the n keys (q·n·d)."""
+    d = dims.hidden
+    kv = dims.kv_dim if conv.gqa else d
+    return float(sum(conv.flops_per_mac * (n * d * kv + query_rows * d * d + query_rows * n * d) for n in tokens_at_rank))
 
 
 def n_avg(visual_per_layer: Sequence[float]) -> float:

@@ -76,6 +76,21 @@ def _sdpa_is_causal_without_mask(attn: nn.Module) -> bool:
     return "is_causal" in src and ("attention_mask is None" in src or "causal_mask is None" in src)
 
 
+def _sliding_window(cfg: Any) -> Optional[int]:
+    """The attention window the stock decoder applies, or None.
+
+    transformers 5.x marks windowed layers in ``config.layer_types`` ("sliding_attention"); the 4.3x/4.4x
+    Qwen2 decoders pass ``config.sliding_window`` to their eager/SDPA mask builder whatever
+    ``use_sliding_window`` says (LLaMA configs have no window)."""
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool):
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    return window
+
+
 class RopeShim:
     """Raises the ``seq_len`` handed to legacy rotary modules to cover the largest original position."""
 
@@ -145,9 +160,7 @@ class DecoderAdapter:
             self.cache_cls = None
             self.cache_base = None
         self.cache_takes_config = self.cache_cls is not None and "config" in _params(self.cache_cls.__init__)
-        # transformers 4.36-4.4x ``generate`` reads the past length from layer 0's cache at every step;
-        # 4.31 only slices the last token, and 5.x reads it once, before the prefill (empty cache).
-        self.generate_reads_layer0_length = self.cache_cls is not None and self.past_kw == "past_key_value"
+        self.sliding_window = _sliding_window(cfg)
 
     # ---------------------------------------------------------------- rotary
     @contextmanager

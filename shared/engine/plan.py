@@ -9,8 +9,8 @@ layer-0 embedding. Decisions are made at prefill only; decoding reuses them thro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -21,21 +21,31 @@ KeepSets = Sequence[torch.Tensor]
 
 @dataclass
 class PruningRequest:
-    """What one prefill is about (built by host glue from the spliced multimodal sequence).
+    """What one prefill is about (built by ``engine.request.build_request`` from the host's description).
 
-    visual_mask: (B, L) bool, True at visual-token positions of the prefill sequence.
-    query_index: (B,) long, the scoring query of each sample (default: its last valid token,
-    i.e. the last instruction token at prefill).
+    visual_mask: (B, L) bool, True at the visual tokens that enter the LLM.
+    query_index: (B,) long, the scoring query of each sample (default: its last valid token, i.e.
+    the last instruction token at prefill).
     guidance_index: optional (B,) long, a second query a method may use (e.g. LISA's [SEG]).
     visual_selection: optional, per sample a sorted (k_b,) long tensor of indices into that
     sample's visual tokens (0 .. N_b-1, in sequence order) chosen before the LLM by a selector the
     host ran (e.g. LVLM_CSP's CLS or Seg-First clustering).
+    input_keep: optional (B, L) bool, the tokens that enter the LLM at all (a pre-LLM selector's
+    removal on a host that splices every token: the LLM sees the kept subsequence, renumbered, as if
+    the host had collapsed it). None: every valid token.
+    source_visual_counts: (B,) visual tokens of the prefill before any pre-LLM removal.
+    sample_keys: optional per-sample keys (e.g. image ids) that seed per-sample random draws.
+    embeds: the prefill's input embeddings (B, L, d), for default sample keys.
     """
 
     visual_mask: torch.Tensor
     query_index: torch.Tensor
     guidance_index: Optional[torch.Tensor] = None
     visual_selection: Optional[List[torch.Tensor]] = None
+    input_keep: Optional[torch.Tensor] = None
+    source_visual_counts: Optional[torch.Tensor] = None
+    sample_keys: Optional[List[Any]] = None
+    embeds: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def visual_positions(self, b: int) -> torch.Tensor:
         """(N_b,) original positions of sample ``b``'s visual tokens, ascending."""
@@ -46,8 +56,18 @@ class PruningRequest:
         return self.visual_mask.shape[0]
 
     def visual_counts(self) -> torch.Tensor:
-        """(B,) number of visual tokens per sample."""
+        """(B,) number of visual tokens per sample entering the LLM."""
         return self.visual_mask.sum(dim=1)
+
+    def sample_key(self, b: int) -> str:
+        """Seed key of sample ``b``: the host's key, else a digest of its visual embeddings."""
+        if self.sample_keys is not None:
+            return str(self.sample_keys[b])
+        if self.embeds is None:
+            raise ValueError("sample_keys: no per-sample key and no embeddings to derive one from")
+        from .request import digest_key
+
+        return "embeds:" + digest_key(self.embeds[b, self.visual_positions(b)])
 
 
 class LayerView:
@@ -102,7 +122,8 @@ class LayerView:
 
     def keep_top_visual(self, scores: torch.Tensor, keep: Union[int, Sequence[int], torch.Tensor]) -> List[torch.Tensor]:
         """Per sample: every active non-visual token plus the ``keep`` active visual tokens with the
-        highest ``scores`` (B, n); ties go to the earlier position. Returns sorted original positions."""
+        highest ``scores`` (B, n); ties go to the earlier position. Returns sorted original positions.
+        Integer keeps must be ints (not bools). A sample without active visual tokens keeps all its tokens."""
         visual = self.visual
         batch = visual.shape[0]
         if isinstance(keep, int):
@@ -116,6 +137,9 @@ class LayerView:
             vis = visual[b]
             n_vis = int(vis.sum())
             k = keep_list[b]
+            if n_vis == 0:
+                out.append(pos[valid])
+                continue
             if k < 0 or k > n_vis:
                 raise ValueError(f"keep: {k} visual tokens requested but sample {b} has {n_vis} active at layer {self.layer}")
             vis_slots = torch.nonzero(vis, as_tuple=False).flatten()

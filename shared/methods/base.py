@@ -1,7 +1,8 @@
 """Method configs and their registry (one dataclass per method, found by name)."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Dict, List, TypeVar
+import numbers
+from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, TypeVar
 
 from ..engine.plan import Plan, PruningRequest
 
@@ -37,6 +38,18 @@ class LayerMethod:
     """Base of in-decoder methods: a config that validates itself and builds a per-prefill ``Plan``."""
 
     name: ClassVar[str] = ""
+    #: where the method acts: "llm" (a plan inside the decoder) or "pre_llm" (before the projector)
+    stage: ClassVar[str] = "llm"
+    #: whether the plan ranks with the request's ``query_index``
+    uses_query: ClassVar[bool] = True
+    #: whether the plan starts from a pre-LLM ``visual_selection`` (LVLM_CSP's clustering stage)
+    uses_selection: ClassVar[bool] = False
+    #: "original" (tokens keep their LLM-input positions) or "compact" (renumbered after each drop)
+    positions: str = "original"
+
+    def needs(self) -> FrozenSet[str]:
+        """What the method needs from its host (``shared.needs.NEEDS``)."""
+        return frozenset({"decoder"})
 
     def validate_for(self, num_layers: int) -> None:
         """Check the config against a decoder with ``num_layers`` layers (raise naming the parameter)."""
@@ -49,6 +62,29 @@ class LayerMethod:
         raise NotImplementedError
 
 
+def as_int(param: str, value: object, low: Optional[int] = None, meaning: str = "an int") -> int:
+    """``value`` as an int: Python/numpy/torch integers are accepted, bools, floats and strings are not."""
+    from ..engine.request import is_int
+
+    if not is_int(value):
+        raise ValueError(f"{param}: expected {meaning}, got {value!r} ({type(value).__name__})")
+    v = int(value)  # type: ignore[call-overload]
+    if low is not None and v < low:
+        raise ValueError(f"{param}: expected {meaning} >= {low}, got {v}")
+    return v
+
+
+def as_fraction(param: str, value: object, low_open: bool = True, meaning: str = "a fraction") -> float:
+    """``value`` as a float in (0, 1] (``low_open``) or [0, 1]; bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{param}: expected {meaning} (a number), got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = (0.0 < v <= 1.0) if low_open else (0.0 <= v <= 1.0)
+    if not ok:
+        raise ValueError(f"{param}: expected {meaning} in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+    return v
+
+
 def check_layer_index(param: str, value: int, num_layers: int, low: int = 1) -> None:
     if not low <= value < num_layers:
         raise ValueError(
@@ -57,4 +93,4 @@ def check_layer_index(param: str, value: int, num_layers: int, low: int = 1) -> 
         )
 
 
-__all__ = ["LayerMethod", "available_methods", "check_layer_index", "get_method", "register"]
+__all__ = ["LayerMethod", "as_fraction", "as_int", "available_methods", "check_layer_index", "get_method", "register"]

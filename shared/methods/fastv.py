@@ -4,7 +4,8 @@ Rule (canonical, prefill only): at the input of layer K-1 take the attention of 
 instruction token over the active tokens, averaged over heads; from layer K on keep all text
 tokens and the R visual tokens with the highest attention (ties: earlier position). K is the
 0-based index of the first pruned layer, so the scores are those of 1-based "layer K".
-Tokens are physically removed and keep their original RoPE positions.
+Tokens are physically removed and keep their original RoPE positions. A sample without visual
+tokens (a text-only row of a batch) is left unpruned.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..engine.plan import LayerView, Plan, PruningRequest
-from .base import LayerMethod, check_layer_index, register
+from .base import LayerMethod, as_fraction, as_int, check_layer_index, register
 
 
 @register("fastv")
@@ -29,21 +30,23 @@ class FastV(LayerMethod):
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.keep_ratio is None):
             raise ValueError("keep/keep_ratio: give exactly one of them (R tokens, or R/N in (0, 1])")
-        if not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(
-                f"layer: expected an int K >= 1 (scores come from layer K-1), got {self.layer!r}; "
-                f"selection before the first layer is a pre-LLM method"
-            )
-        if self.keep is not None and (not isinstance(self.keep, int) or self.keep <= 0):
-            raise ValueError(f"keep: expected a positive number of visual tokens, got {self.keep!r}")
-        if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
-            raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {self.keep_ratio!r}")
+        self.layer = as_int(
+            "layer", self.layer, low=1,
+            meaning="an int K (scores come from layer K-1; selection before the first layer is a pre-LLM method)",
+        )
+        if self.keep is not None:
+            self.keep = as_int("keep", self.keep, low=1, meaning="a positive number of visual tokens R")
+        if self.keep_ratio is not None:
+            self.keep_ratio = as_fraction("keep_ratio", self.keep_ratio, meaning="a fraction R/N")
 
     def validate_for(self, num_layers: int) -> None:
         check_layer_index("layer", self.layer, num_layers)
 
     def keep_count(self, visual_tokens: int) -> int:
-        """R for a sample with N = ``visual_tokens`` visual tokens."""
+        """R for a sample with N = ``visual_tokens`` visual tokens (0 for a sample without any: it is
+        left unpruned)."""
+        if visual_tokens == 0:
+            return 0
         if self.keep is not None:
             r = self.keep
         else:

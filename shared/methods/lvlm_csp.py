@@ -19,15 +19,19 @@ LISA sends to SAM). Without a guidance index the request's ``query_index`` is us
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 
 from ..engine.plan import LayerView, Plan, PruningRequest
-from .base import LayerMethod, register
+from .base import LayerMethod, as_int, register
 
 CLUSTERING_MODES = ("random", "uniform", "cls", "seg_first")
+#: the pruning stage's query row: the guidance token, the token before it, or the host's scoring query
+#: (by default each sample's last prompt token) on hosts without a guidance token
+SEG_QUERIES = ("seg", "pre_seg", "query")
 
 
 @register("lvlm_csp")
@@ -37,9 +41,12 @@ class LVLMCSP(LayerMethod):
 
     clustering: one of ``random``, ``uniform``, ``cls``, ``seg_first``.
     uniform_layout: ``literal`` (Eq. 2 as printed: S[i] = i·⌊N/Nc⌋) or ``grid`` (2-D lattice).
-    seed: seeds ``random`` (and Seg-First's sampling); every sample draws from its own generator
-    seeded with ``seed``, so a sample's selection does not depend on the batch it is in.
-    seg_query: ``seg`` (the guidance token's own row, paper-literal) or ``pre_seg`` (the row before).
+    seed: seeds ``random`` (and Seg-First's sampling); every image draws from its own generator,
+    seeded from (``seed``, the image's key: the host's image id, else a digest of its visual
+    embeddings), so a selection depends on neither the batch nor the other images in it.
+    seg_query: ``seg`` (the guidance token's own row, paper-literal), ``pre_seg`` (the row before) or
+    ``query`` (the host's scoring query, by default each sample's last prompt token: for hosts without a
+    guidance token).
     """
 
     cluster_layers: int = 8
@@ -53,21 +60,16 @@ class LVLMCSP(LayerMethod):
 
     def __post_init__(self) -> None:
         for name in ("cluster_layers", "scatter_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative int number of layers, got {v!r}")
+            setattr(self, name, as_int(name, getattr(self, name), low=0, meaning="a non-negative int number of layers"))
         for name in ("cluster_tokens", "prune_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int number of image tokens, got {v!r}")
+            setattr(self, name, as_int(name, getattr(self, name), low=1, meaning="a positive int number of image tokens"))
         if self.clustering not in CLUSTERING_MODES:
             raise ValueError(f"clustering: expected one of {', '.join(CLUSTERING_MODES)}, got {self.clustering!r}")
         if self.uniform_layout not in ("literal", "grid"):
             raise ValueError(f"uniform_layout: expected 'literal' or 'grid', got {self.uniform_layout!r}")
-        if self.seg_query not in ("seg", "pre_seg"):
-            raise ValueError(f"seg_query: expected 'seg' or 'pre_seg', got {self.seg_query!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed: expected an int, got {self.seed!r}")
+        if self.seg_query not in SEG_QUERIES:
+            raise ValueError(f"seg_query: expected one of {', '.join(SEG_QUERIES)}, got {self.seg_query!r}")
+        self.seed = as_int("seed", self.seed)
 
     # ------------------------------------------------------------------ config
     @property
@@ -101,9 +103,34 @@ class LVLMCSP(LayerMethod):
         lc, ls = self.cluster_layers, self.scatter_layers
         return [nc] * lc + [visual_tokens] * ls + [self.prune_tokens] * (num_layers - lc - ls)
 
+    uses_selection = True
+
+    @property
+    def uses_query(self) -> bool:  # type: ignore[override]
+        return self.seg_query == "query"
+
+    def needs(self) -> FrozenSet[str]:
+        """The decoder; the guidance token unless ``seg_query="query"``; [CLS] attention or instance masks
+        for the ``cls`` / ``seg_first`` clustering stage."""
+        out = {"decoder"}
+        if self.seg_query != "query":
+            out.add("guidance_token")
+        if self.cluster_layers > 0 and self.clustering == "cls":
+            out.add("cls_attention")
+        if self.cluster_layers > 0 and self.clustering == "seg_first":
+            out.add("instance_masks")
+        return frozenset(out)
+
     # -------------------------------------------------------------- clustering
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def generator(self, key: object) -> torch.Generator:
+        """The random generator of one image: seeded from (``seed``, ``key``), stable across runs."""
+        if key is None:
+            raise ValueError(
+                f"key: clustering='{self.clustering}' draws at random per image; pass the image's key (an image "
+                f"id or path) so each image gets its own draw"
+            )
+        digest = hashlib.sha256(f"{self.seed}\x00{key}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
     def cluster(
         self,
@@ -111,12 +138,14 @@ class LVLMCSP(LayerMethod):
         cls_scores: Optional[torch.Tensor] = None,
         grid_masks=None,
         budget: str = "paper",
+        key: object = None,
     ):
         """Clustering selection S for one sample: sorted (|S|,) indices into its N image tokens.
 
         cls_scores: (N,) [CLS] attention over the patches (``clustering="cls"``; see
         ``shared.scoring.cls_attention``). grid_masks: a ``shared.segfirst.GridMasks`` for the
-        sample's image (``clustering="seg_first"``). Returns (indices, info dict).
+        sample's image (``clustering="seg_first"``). key: the image's key, seeding ``random`` and
+        Seg-First's draws (see ``generator``). Returns (indices, info dict).
         """
         from .. import clustering as cl
 
@@ -125,7 +154,7 @@ class LVLMCSP(LayerMethod):
             raise ValueError(f"cluster_tokens: Nc={nc} exceeds the sample's N={n} image tokens")
         mode = self.clustering
         if mode == "random":
-            return cl.random_tokens(n, nc, self.generator()), {}
+            return cl.random_tokens(n, nc, self.generator(key)), {}
         if mode == "uniform":
             return cl.uniform_tokens(n, nc, layout=self.uniform_layout), {}
         if mode == "cls":
@@ -143,29 +172,52 @@ class LVLMCSP(LayerMethod):
                 f"({grid_masks.num_tokens} tokens) but the sample has {n} image tokens"
             )
         sel = cl.seg_first_tokens(
-            grid_masks.token_sets, grid_masks.areas, nc, self.generator(), budget=budget, n=n,
+            grid_masks.token_sets, grid_masks.areas, nc, self.generator(key), budget=budget, n=n,
             fallback_layout=self.uniform_layout,
         )
         return sel.indices, {"fallback_used": sel.fallback_used, "quotas": sel.quotas, "count": sel.count}
+
+    def host_selection(self, visual_tokens: int, cls_scores=None, grid_masks=None, key: object = None):
+        """The clustering stage's selection from the host's per-image inputs, for the modes that need
+        them (``cls``, ``seg_first``); None for ``random``/``uniform`` (drawn in ``make_plan``) or Lc = 0.
+        Returns (indices, info) like ``cluster``."""
+        if self.cluster_layers == 0 or self.clustering not in ("cls", "seg_first"):
+            return None
+        if visual_tokens == 0:
+            return torch.zeros(0, dtype=torch.long), {}
+        return self.cluster(visual_tokens, cls_scores=cls_scores, grid_masks=grid_masks, key=key)
 
     # -------------------------------------------------------------------- plan
     def make_plan(self, request: PruningRequest, num_layers: int) -> Plan:
         self.validate_for(num_layers)
         counts = [int(n) for n in request.visual_counts()]
         for n in counts:
-            self._check_tokens(n)
+            if n > 0:  # a sample without image tokens is left unpruned
+                self._check_tokens(n)
         selection: Optional[List[torch.Tensor]] = None
         if self.cluster_layers > 0:
             if request.visual_selection is not None:
                 selection = list(request.visual_selection)
             elif self.clustering in ("random", "uniform"):
-                selection = [self.cluster(n)[0] for n in counts]
+                selection = [
+                    self.cluster(n, key=request.sample_key(b) if self.clustering == "random" else None)[0]
+                    if n > 0 else torch.zeros(0, dtype=torch.long)
+                    for b, n in enumerate(counts)
+                ]
             else:
                 raise ValueError(
                     f"visual_selection: clustering='{self.clustering}' needs vision-side inputs; the host must "
                     f"compute the selection with LVLMCSP.cluster(...) and pass it to prepare(visual_selection=...)"
                 )
-        guidance = request.guidance_index if request.guidance_index is not None else request.query_index
+        if self.seg_query == "query":
+            guidance = request.query_index
+        elif request.guidance_index is None:
+            raise ValueError(
+                f"guidance_index: seg_query='{self.seg_query}' ranks with the guidance token ([SEG]); give its "
+                f"position per sample, or use seg_query='query'"
+            )
+        else:
+            guidance = request.guidance_index
         if self.seg_query == "pre_seg":
             guidance = guidance - 1
             if bool((guidance < 0).any()) or bool(request.visual_mask.gather(1, guidance.clamp(min=0)[:, None]).any()):
@@ -212,6 +264,10 @@ class _CSPPlan(Plan):
                 self.clustered = []
                 for b, cur in enumerate(self.full):
                     vis_pos = self.request.visual_positions(b)
+                    if vis_pos.numel() == 0:
+                        out.append(cur)
+                        self.clustered.append(0)
+                        continue
                     chosen = vis_pos[self.selection[b].to(vis_pos.device)]
                     text = cur[~self.request.visual_mask[b, cur]]
                     out.append(torch.sort(torch.cat([text, chosen])).values)
@@ -254,4 +310,4 @@ def preset(name: str, **overrides) -> LVLMCSP:
     return replace(PRESETS[name], **overrides)
 
 
-__all__ = ["CLUSTERING_MODES", "LVLMCSP", "PRESETS", "preset"]
+__all__ = ["CLUSTERING_MODES", "LVLMCSP", "PRESETS", "SEG_QUERIES", "preset"]

@@ -5,39 +5,50 @@ default 8/16/24 for 32 layers) the next layer's ``input_layernorm`` + q/k projec
 applied to the current hidden states; the last instruction token's softmax row over all keys
 (causal mask), averaged over heads, ranks the active visual tokens; the top
 ``int(N · ratio_s)`` survive (ratio relative to the *original* count N, ratio_s = λ^s by default),
-in their original order, from layer l on.
+in their original order, from layer l on. The released code then renumbers the survivors
+``arange(0, len)`` (``positions="compact"``; decoded tokens continue from each stage's length); the
+default keeps each token's position in the LLM input, as FastV does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..engine.plan import LayerView, Plan, PruningRequest
-from .base import LayerMethod, check_layer_index, register
+from .base import LayerMethod, as_fraction, as_int, check_layer_index, register
 
 
 @register("pdrop")
 @dataclass
 class PyramidDrop(LayerMethod):
     """layers: 0-based first layer of each reduced stage; ratio: λ; ratios: explicit per-stage
-    retention of the original count (overrides λ), e.g. (0.5, 0.25, 0.125)."""
+    retention of the original count (overrides λ), e.g. (0.5, 0.25, 0.125); positions: "original"
+    (survivors keep their positions) or "compact" (renumbered 0 … n−1 after each stage, the released
+    ``pdrop_rank_drop``; ``PRESETS["paper"]``)."""
 
     layers: Sequence[int] = field(default_factory=lambda: (8, 16, 24))
     ratio: float = 0.5
     ratios: Optional[Sequence[float]] = None
+    positions: str = "original"
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(x) for x in self.layers)
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Iterable):
+            raise ValueError(f"layers: expected a sequence of layer indices, got {self.layers!r}")
+        self.layers = tuple(as_int("layers", x, meaning="integer layer indices") for x in self.layers)
         if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])) or self.layers[0] < 1:
             raise ValueError(f"layers: expected strictly increasing layer indices >= 1, got {self.layers}")
         if self.ratios is not None:
-            self.ratios = tuple(float(r) for r in self.ratios)
+            if isinstance(self.ratios, (str, bytes)) or not isinstance(self.ratios, Iterable):
+                raise ValueError(f"ratios: expected a sequence of fractions, got {self.ratios!r}")
+            self.ratios = tuple(as_fraction("ratios", r, low_open=False, meaning="fractions") for r in self.ratios)
             if len(self.ratios) != len(self.layers):
                 raise ValueError(f"ratios: expected {len(self.layers)} values (one per stage), got {len(self.ratios)}")
-            if any(not 0.0 <= r <= 1.0 for r in self.ratios) or any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
+            if any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
                 raise ValueError(f"ratios: expected non-increasing fractions in [0, 1], got {self.ratios}")
-        elif not 0.0 < float(self.ratio) <= 1.0:
-            raise ValueError(f"ratio: expected λ in (0, 1], got {self.ratio!r}")
+        else:
+            self.ratio = as_fraction("ratio", self.ratio, meaning="λ")
+        if self.positions not in ("original", "compact"):
+            raise ValueError(f"positions: expected 'original' or 'compact', got {self.positions!r}")
 
     def stage_ratios(self) -> List[float]:
         if self.ratios is not None:
@@ -75,3 +86,7 @@ class _PDropPlan(Plan):
         if s is None:
             return None
         return view.keep_top_visual(view.attention(), [c[s] for c in self.counts])
+
+
+#: ``paper``: the released configuration and rule (λ = 0.5 at layers 8/16/24 of 32, compact positions).
+PRESETS: Dict[str, PyramidDrop] = {"paper": PyramidDrop(layers=(8, 16, 24), ratio=0.5, positions="compact")}

@@ -48,6 +48,14 @@ def _top(scores: torch.Tensor, candidates: List[int], k: int) -> List[int]:
     return sorted(sorted(candidates, key=lambda i: (-float(scores[i]), i))[:k])
 
 
+def layer_positions(alive: torch.Tensor, compact: bool) -> torch.Tensor:
+    """(1, L) position ids of one layer: original 0..L-1, or the rank among the alive tokens."""
+    length = alive.shape[0]
+    if not compact:
+        return torch.arange(length).unsqueeze(0)
+    return (alive.long().cumsum(0) - 1).clamp(min=0).unsqueeze(0)
+
+
 @torch.no_grad()
 def run(
     model,
@@ -55,24 +63,28 @@ def run(
     visual: Tuple[int, int],
     query: int,
     events: Dict[int, Tuple[str, int]],
-) -> Tuple[torch.Tensor, List[List[int]], torch.Tensor]:
+    positions: str = "original",
+):
     """One sample (1, L, d). ``events[j] = (when, k)``: before layer j keep the top-k visual tokens
     ranked by the query row of the attention of layer j-1 (``when='prev'``, FastV) or of layer j on
-    the current state (``when='self'``, PyramidDrop).
+    the current state (``when='self'``, PyramidDrop). ``positions="compact"``: every layer numbers
+    the alive tokens 0..n-1 (a dropped token's position is irrelevant: it is masked).
 
-    Returns (final normed hidden (1, L, d), kept visual positions per layer, alive (L,) at the end).
+    Returns (final normed hidden (1, L, d), kept visual positions per layer, alive (L,) at the end,
+    alive (L,) per layer).
     """
     length = embeds.shape[1]
-    pos = torch.arange(length).unsqueeze(0)
+    compact = positions == "compact"
     alive = torch.ones(length, dtype=torch.bool)
     hidden = embeds
     last_w = None
     kept_per_layer: List[List[int]] = []
+    alive_layers: List[torch.Tensor] = []
     for j in range(len(model.model.layers)):
         if j in events:
             when, k = events[j]
             if when == "self":
-                _, w = _call(model, j, hidden, _mask(alive, hidden.dtype), pos)
+                _, w = _call(model, j, hidden, _mask(alive, hidden.dtype), layer_positions(alive, compact))
             else:
                 w = last_w
             scores = w[0].mean(dim=0)[query]
@@ -82,8 +94,50 @@ def run(
                 if i not in keep:
                     alive[i] = False
         kept_per_layer.append([i for i in range(*visual) if alive[i]])
-        hidden, last_w = _call(model, j, hidden, _mask(alive, hidden.dtype), pos)
-    return model.model.norm(hidden), kept_per_layer, alive
+        alive_layers.append(alive.clone())
+        hidden, last_w = _call(model, j, hidden, _mask(alive, hidden.dtype), layer_positions(alive, compact))
+    return model.model.norm(hidden), kept_per_layer, alive, alive_layers
+
+
+@torch.no_grad()
+def run_schedule(model, embeds: torch.Tensor, alive_layers: List[torch.Tensor], positions: str = "original"):
+    """Masking forward of one sample (1, L', d) under a fixed schedule decided on its first L tokens:
+    ``alive_layers[j]`` (L,) says which of them layer j sees; tokens L..L'-1 (generated) are always
+    alive. A token alive again after being dropped re-enters with its layer-0 embedding (LVLM_CSP's
+    scattering). Returns the final normed hidden states (1, L', d)."""
+    length = embeds.shape[1]
+    compact = positions == "compact"
+    hidden = embeds.clone()
+    prev = None
+    for j in range(len(model.model.layers)):
+        alive = torch.ones(length, dtype=torch.bool)
+        alive[: alive_layers[j].shape[0]] = alive_layers[j]
+        if prev is not None:
+            back = alive & ~prev
+            hidden[0, back] = embeds[0, back]
+        hidden, _ = _call(model, j, hidden, _mask(alive, hidden.dtype), layer_positions(alive, compact))
+        prev = alive
+    return model.model.norm(hidden)
+
+
+class ScheduleDecoder:
+    """A decoder ``forward`` for ``generate(use_cache=False)`` that recomputes every step with the masking
+    reference under per-row schedules (rows of a beam group share their sample's schedule)."""
+
+    def __init__(self, model, schedules: List[List[torch.Tensor]], positions: str = "original") -> None:
+        self.model = model
+        self.schedules = schedules
+        self.positions = positions
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        if inputs_embeds is None:
+            inputs_embeds = self.model.model.embed_tokens(input_ids)
+        k = inputs_embeds.shape[0] // len(self.schedules)
+        rows = [run_schedule(self.model, inputs_embeds[b : b + 1], self.schedules[b // k], self.positions)
+                for b in range(inputs_embeds.shape[0])]
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(rows), past_key_values=None)
 
 
 def fastv_events(k_layer: int, keep: int):
@@ -123,6 +177,7 @@ def run_csp(
     hidden = embeds.clone()
     last_w = None
     kept: List[List[int]] = []
+    alive_layers: List[torch.Tensor] = []
     for j in range(len(model.model.layers)):
         if j == lc and lc > 0:
             absent = ~alive
@@ -134,5 +189,6 @@ def run_csp(
             for i in vis:
                 alive[i] = i in keep
         kept.append([i for i in vis if alive[i]])
+        alive_layers.append(alive.clone())
         hidden, last_w = _call(model, j, hidden, _mask(alive, hidden.dtype), pos)
-    return model.model.norm(hidden), kept, alive
+    return model.model.norm(hidden), kept, alive, alive_layers

@@ -37,19 +37,22 @@ def available() -> List[Tuple[str, str]]:
     return out
 
 
-def build(kind: str, impl: str = "eager", layers: int = 4, seed: int = 0, vocab: int = 128, max_positions: int = 512):
-    """A float32 causal LM with 4 query heads / 2 KV heads (GQA), eval mode."""
+def build(kind: str, impl: str = "eager", layers: int = 4, seed: int = 0, vocab: int = 128, max_positions: int = 512,
+          kv_heads: int = 2, **overrides):
+    """A float32 causal LM with 4 query heads / ``kv_heads`` KV heads (GQA by default), eval mode.
+    ``overrides``: further config fields (e.g. a sliding window)."""
     cfg_cls, model_cls = _classes(kind)
     cfg = cfg_cls(
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
         pad_token_id=0,
         tie_word_embeddings=False,
+        **overrides,
     )
     if impl != "eager" or hasattr(cfg, "_attn_implementation"):
         cfg._attn_implementation = impl
