@@ -1,11 +1,28 @@
 """shared: visual-token pruning for 2D and 3D multimodal LLMs.
 
-One engine (``shared.engine``) runs every in-decoder method on the hosts' own decoders
-(transformers 4.31 → 5.x); methods are dataclass configs (``shared.methods``); efficiency
-accounting reproduces the papers' figures (``shared.accounting``).
+``shared.prune(model, method, ...)`` runs any registered method on any host that provides its needs
+(``shared.session``); the in-decoder engine (``shared.engine``) runs the hosts' own decoders
+(transformers 4.31 → 5.x); methods are dataclass configs (``shared.methods``); efficiency accounting
+reproduces the papers' figures (``shared.accounting``).
 """
 from .engine import pruning
-from .methods import FastV, PyramidDrop, available_methods, get_method
+from .methods import FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, SeGPruner, VisionZip, available_methods, get_method
+from .session import ForwardRecord, PruningSession, prune
 
 __version__ = "0.1.0"
-__all__ = ["FastV", "PyramidDrop", "available_methods", "get_method", "pruning", "__version__"]
+__all__ = [
+    "FastV",
+    "ForwardRecord",
+    "LVLMCSP",
+    "PruMerge",
+    "PruMergePlus",
+    "PruningSession",
+    "PyramidDrop",
+    "SeGPruner",
+    "VisionZip",
+    "available_methods",
+    "get_method",
+    "prune",
+    "pruning",
+    "__version__",
+]

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from .accounting import CONVENTIONS, DIMS, Efficiency
-from .hosts import prune
+from .session import prune
 from .methods import FastV, PyramidDrop
 from .methods.lvlm_csp import LVLMCSP, preset
 from .paper_tables import all_rows, format_rows
@@ -97,10 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("unpruned", None, None),
         (f"FastV K={k} R=25%", FastV(layer=k, keep_ratio=0.25), FastV(layer=2, keep_ratio=0.25)),
         (f"PDrop λ=0.5 at {list(stages)}", PyramidDrop(layers=stages, ratio=0.5), PyramidDrop(ratio=0.5)),
-        # LVLM_CSP, CLS clustering from the CLIP tower's last layer; the paper's 336-px (6,128,9,32) at 32 layers
+        # LVLM_CSP, CLS clustering from the CLIP tower's last layer, pruning ranked by the last prompt token
+        # (this prompt has no [SEG]); the paper's 336-px (6,128,9,32) at 32 layers
         (
             f"LVLM_CSP CLS (Lc,Nc,Ls,Np)=({max(1, round(6 * s))},128,{max(1, round(9 * s))},32)",
-            LVLMCSP(max(1, round(6 * s)), 128, max(1, round(9 * s)), 32, clustering="cls"),
+            LVLMCSP(max(1, round(6 * s)), 128, max(1, round(9 * s)), 32, clustering="cls", seg_query="query"),
             preset("7b-336/6-128-9-32", clustering="cls"),
         ),
     ]
@@ -111,12 +112,12 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"prompt {ids.shape[1]} tokens = {n_vis} image + {n_text} text\n")
     base_time = None
     for name, method, at_7b in runs:
-        with torch.no_grad(), prune(model, method) as eng:
+        with torch.no_grad(), prune(model, method) as session:
             gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-            stats = eng.last_stats
+            stats = session.last.stats
         new = gen[0, ids.shape[1]:]
         text = processor.decode(new, skip_special_tokens=True) if processor is not None else new.tolist()
-        vis = stats.visual[0].tolist() if method is not None else [n_vis] * layers
+        vis = stats.visual[0].tolist()
         t = statistics.median(_timed_prefill(model, inputs, method, args.repeats))
         base_time = base_time or t
         print(f"[{name}]")

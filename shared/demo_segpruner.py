@@ -22,6 +22,7 @@ command runs the real model on the real scene and also prints the answers. Nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -30,8 +31,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from .accounting import CONVENTIONS, DIMS, Efficiency
-from .hosts.hf_onevision import grid_of, multiview_inputs, prune_inputs
-from .hosts.selection import SceneGeometry, geometry_from_views, scene_context
+from .hosts.hf_onevision import grid_of, multiview_inputs
+from .hosts.selection import SceneGeometry, geometry_from_views
+from .session import prune
 from .methods.segpruner import SeGPruner
 
 IMAGE_TOKEN = 1000  # the tiny model's <image> id (vocabulary of 1024)
@@ -92,22 +94,19 @@ def _sync(model) -> None:
 
 
 def timed_prefill(model, inputs, pruner: Optional[SeGPruner], geometry, repeats: int) -> Tuple[float, Any]:
-    """Median seconds of one prefill: unpruned ``model(**inputs)``, or selection + ``model(inputs_embeds=...)``."""
-    times, pruned = [], None
+    """Median seconds of one prefill: the stock ``model(**inputs)``, or the same under a SeGPruner session
+    (tower, selection, projector, pruned LLM). Returns (seconds, the session's last record or None)."""
+    times, record = [], None
     with torch.no_grad():
         for _ in range(repeats):
-            _sync(model)
-            t0 = time.perf_counter()
-            if pruner is None:
+            with (prune(model, pruner, views=[geometry]) if pruner is not None else contextlib.nullcontext()) as session:
+                _sync(model)
+                t0 = time.perf_counter()
                 model(**inputs, use_cache=False, logits_to_keep=1)
-            else:
-                with scene_context(pruner, [geometry], grid=grid_of(model)):
-                    pruned = prune_inputs(model, inputs)
-                model(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask, use_cache=False,
-                      logits_to_keep=1)
-            _sync(model)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), pruned
+                _sync(model)
+                times.append(time.perf_counter() - t0)
+            record = session.last if session is not None else None
+    return statistics.median(times), record
 
 
 def plot_kept(prep, keep: torch.Tensor, grid: int, patch: int, title: str, path: str) -> None:
@@ -231,12 +230,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_t = base_f = None
     keeps: Dict[str, torch.Tensor] = {}
     for name, pruner in runs:
-        t, pruned = timed_prefill(model, inputs, pruner, geometry, args.repeats)
-        if pruned is None:
+        t, rec = timed_prefill(model, inputs, pruner, geometry, args.repeats)
+        if rec is None:
             vis, txt, kept = n_vis, n_text, [p] * v
         else:
-            vis, txt, kept = pruned.visual_tokens[0], pruned.text_tokens[0], pruned.records[0].per_view
-            keeps[name.split()[0]] = pruned.keep[0]
+            vis = int(rec.stats.visual[0, 0])
+            txt, kept = int(rec.stats.tokens[0, 0]) - vis, rec.pre_llm[0]["per_view"]
+            keeps[name.split()[0]] = rec.pre_llm[0]["keep"]
         tf = _tflops(vis, txt)
         base_t, base_f = base_t or t, base_f or tf
         print(f"[{name}] (r={args.ratio}, λ={args.lam})" if pruner else f"[{name}]")
@@ -246,15 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  measured prefill of this model: {t * 1000:.1f} ms  (speed-up x{base_t / t:.2f})")
         print(f"  prefill at Qwen2-7B dims: {tf:.2f} TFLOPs (x{base_f / tf:.2f}; 4nd²+2n²d+2ndm, 28 layers)")
         if tokenizer is not None:
-            from .hosts.hf_onevision import segprune_generate
-
-            with torch.no_grad():
-                if pruner is None:
-                    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-                    new = out[0, inputs["input_ids"].shape[1]:]
-                else:
-                    new = segprune_generate(model, inputs, pruner, [geometry], patch=patch,
-                                            max_new_tokens=args.max_new_tokens, do_sample=False).sequences[0]
+            with torch.no_grad(), prune(model, pruner, views=[geometry], patch=patch):
+                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1]:]
             print(f"  answer: {tokenizer.decode(new, skip_special_tokens=True).strip()!r}")
         print()
     for mode, keep in keeps.items():

@@ -16,9 +16,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig  # noqa: E402
 
 from shared.datasets import make_room_scene, prepare_views  # noqa: E402
-from shared.hosts.hf_onevision import grid_of, prune_inputs, segprune_generate  # noqa: E402
-from shared.hosts.selection import geometry_from_views, scene_context  # noqa: E402
-from shared.methods.segpruner import SeGPruner  # noqa: E402
+from shared import FastV, PruMerge, PyramidDrop, SeGPruner, prune  # noqa: E402
+from shared.hosts.hf_onevision import grid_of  # noqa: E402
+from shared.hosts.selection import geometry_from_views  # noqa: E402
 
 IMG, SIZE, GRID, P = 250, 56, 4, 16
 
@@ -61,14 +61,15 @@ def reference_encoding(model, px):
     return out.hidden_states[-1], out.attentions[-1].double().mean(dim=2).mean(dim=1)
 
 
-def language_model_input(model, fn):
+def layer0_input(model, fn):
+    """What decoder layer 0 receives (the LLM input after pre-LLM removal) and fn's result."""
     seen = []
 
-    def hook(_m, _a, kw):
+    def hook(_m, args, kw):
         if not seen:
-            seen.append((kw["inputs_embeds"].detach().clone(), kw.get("attention_mask")))
+            seen.append((args[0] if args else kw["hidden_states"]).detach().clone())
 
-    h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         result = fn()
     finally:
@@ -81,15 +82,23 @@ def test_grid_is_a_parameter(model):
 
 
 def test_llm_receives_exactly_the_kept_tokens_and_one_newline_per_view(model):
+    """The layer-0 input is text + projected kept tokens + a newline per view, and the logits at those
+    positions equal the stock decoder run on that collapsed sequence (positions renumbered)."""
     views = scene_views(3)
     inputs = inputs_for(views)
     pruner = SeGPruner(tokens=5, important_ratio=0.4, lam=0.5)
     geom = geometry_from_views(views, grid=GRID, patch=14)
-    (embeds, mask), res = language_model_input(
-        model, lambda: segprune_generate(model, inputs, pruner, [geom], max_new_tokens=2, do_sample=False))
+
+    def run():
+        with torch.no_grad(), prune(model, pruner, views=[geom]) as session:
+            logits = model(**inputs).logits
+        return session, logits
+
+    h0, (session, logits) = layer0_input(model, run)
     feats, sal = reference_encoding(model, inputs["pixel_values"])
     keep = pruner.select(sal.float(), feats, geom.centroids, geom.valid)
-    assert keep.sum(1).tolist() == [5, 5, 5] and torch.equal(keep, res.inputs.keep[0])
+    rec = session.last
+    assert keep.sum(1).tolist() == [5, 5, 5] and torch.equal(keep, rec.pre_llm[0]["keep"])
     core = model.model
     ids = inputs["input_ids"][0]
     emb = model.get_input_embeddings()
@@ -97,28 +106,31 @@ def test_llm_receives_exactly_the_kept_tokens_and_one_newline_per_view(model):
     for v in range(3):
         rows += [core.multi_modal_projector(feats[v][keep[v]]), core.image_newline[None]]
     rows.append(emb(ids[-7:]))
-    want = torch.cat(rows)
-    assert embeds.shape == (1, 5 + 3 * 6 + 7, 64)
-    assert torch.allclose(embeds[0], want, atol=1e-5)
-    assert res.inputs.visual_tokens == [18] and res.inputs.text_tokens == [12]
-    assert res.inputs.records[0].llm_tokens == 18
+    want = torch.cat(rows).detach()
+    assert h0.shape == (1, 5 + 3 * 6 + 7, 64)
+    assert torch.allclose(h0[0], want, atol=1e-5)
+    with torch.no_grad():
+        stock = model.lm_head(core.language_model(inputs_embeds=want[None]).last_hidden_state)
+    kept_slots = [True] * 5 + [bool(k) for v in range(3) for k in list(keep[v]) + [True]] + [True] * 7
+    slots = torch.nonzero(torch.tensor(kept_slots)).flatten()
+    assert torch.allclose(logits[0, slots], stock[0], atol=1e-5)
+    assert rec.stats.visual[0].tolist() == [18] * 3 and int(rec.stats.tokens[0, 0]) - 18 == 12
+    assert rec.stats.visual_tokens.tolist() == [3 * (P + 1)] and rec.pre_llm[0]["tokens"] == 18
 
 
 def test_keeping_every_token_equals_the_unpruned_model(model):
     views = scene_views(3, seed=1)
     inputs = inputs_for(views, seed=1)
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        ref_logits = model(**inputs).logits[0, -1]
-    everything = SeGPruner(tokens=P, important_ratio=1.0)
-    out = segprune_generate(model, inputs, everything, max_new_tokens=8, do_sample=False)
-    assert out.sequences[0].tolist() == ref.tolist()
-    with scene_context(everything, grid=GRID):
-        pruned = prune_inputs(model, inputs)
-    assert torch.equal(pruned.input_ids, inputs["input_ids"])
-    with torch.no_grad():
-        logits = model(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask).logits[0, -1]
-    assert torch.allclose(logits, ref_logits, atol=1e-5)
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        ref_logits = model(**inputs).logits
+        everything = SeGPruner(tokens=P, important_ratio=1.0)
+        with prune(model, everything) as session:
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            logits = model(**inputs).logits
+    assert out.tolist() == ref.tolist()
+    assert torch.equal(logits, ref_logits)
+    assert session.last.pre_llm[0]["per_view"] == [P] * 3
 
 
 @pytest.mark.parametrize("mode,tokens", [("per_view", 4), ("per_scene", 9)])
@@ -126,16 +138,27 @@ def test_per_view_and_per_scene_budgets(model, mode, tokens):
     views = scene_views(3, seed=2)
     inputs = inputs_for(views, seed=2)
     pruner = SeGPruner(tokens=tokens, important_ratio=0.25, lam=0.5, mode=mode)
-    out = segprune_generate(model, inputs, pruner, [geometry_from_views(views, grid=GRID)], max_new_tokens=3,
-                            do_sample=False)
-    per_view = out.inputs.records[0].per_view
+    with torch.no_grad(), prune(model, pruner, views=[geometry_from_views(views, grid=GRID)]) as session:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    per_view = session.last.pre_llm[0]["per_view"]
     if mode == "per_view":
         assert per_view == [4, 4, 4]
     else:
         assert sum(per_view) == 9
-    assert out.inputs.visual_tokens == [sum(per_view) + 3]
-    assert int((out.inputs.input_ids == IMG).sum()) == sum(per_view) + 3
-    assert out.sequences.shape == (1, 3)
+    assert session.last.stats.visual[0].tolist() == [sum(per_view) + 3] * 3
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("method", [FastV(layer=1, keep=5), PyramidDrop(layers=(1, 2), ratio=0.5)], ids=["fastv", "pdrop"])
+def test_segpruner_stacks_with_an_in_llm_method(model, method):
+    views = scene_views(2, seed=6)
+    inputs = inputs_for(views, seed=6)
+    pruner = SeGPruner(tokens=6, important_ratio=0.5, lam=0.5)
+    with torch.no_grad(), prune(model, pruner, method, views=[geometry_from_views(views, grid=GRID)]) as session:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    vis = session.last.stats.visual[0].tolist()
+    assert vis[0] == 2 * 7 and vis == method.schedule(14, 3)
+    assert session.last.stats.visual_tokens.tolist() == [2 * (P + 1)]
 
 
 def test_left_padded_batch_equals_single_samples(model):
@@ -151,13 +174,18 @@ def test_left_padded_batch_equals_single_samples(model):
     ids[1, length - lb:], mask[1, length - lb:] = b["input_ids"][0], 1
     batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]),
                  image_sizes=torch.tensor([[SIZE, SIZE]] * 5), batch_num_images=torch.tensor([2, 3]))
-    both = segprune_generate(model, batch, pruner, [ga, gb], max_new_tokens=4, do_sample=False)
-    one = segprune_generate(model, a, pruner, [ga], max_new_tokens=4, do_sample=False)
-    two = segprune_generate(model, b, pruner, [gb], max_new_tokens=4, do_sample=False)
-    assert both.inputs.attention_mask[0, 0] == 0  # left padding kept
-    assert both.inputs.visual_tokens == [2 * 7, 3 * 7]
-    assert both.sequences[0].tolist() == one.sequences[0].tolist()
-    assert both.sequences[1].tolist() == two.sequences[0].tolist()
+
+    def gen(inp, geoms):
+        with torch.no_grad(), prune(model, pruner, views=geoms) as session:
+            out = model.generate(**inp, max_new_tokens=4, do_sample=False)
+        return out[:, inp["input_ids"].shape[1]:], session.last
+
+    both, rec = gen(batch, [ga, gb])
+    one, _ = gen(a, [ga])
+    two, _ = gen(b, [gb])
+    assert rec.stats.visual[:, 0].tolist() == [2 * 7, 3 * 7]
+    assert both[0].tolist() == one[0].tolist()
+    assert both[1].tolist() == two[0].tolist()
 
 
 def test_patch_centroids_follow_the_token_grid():
@@ -187,20 +215,31 @@ def test_errors_name_the_parameter(model):
     pruner = SeGPruner(tokens=4, important_ratio=1.0)
     ids = torch.cat([inputs["input_ids"][:, :5], inputs["input_ids"][:, 7:]], dim=1)  # two placeholders lost
     bad = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
-    with pytest.raises(ValueError, match=r"^input_ids: sample 0 has 32 image placeholders, expected 2 views"):
-        segprune_generate(model, bad, pruner, max_new_tokens=1)
-    single = dict(inputs, pixel_values=torch.randn(1, 3, 3, SIZE, SIZE), image_sizes=torch.tensor([[SIZE, 2 * SIZE]]),
+    with prune(model, pruner), pytest.raises(ValueError, match=r"^input_ids: sample 0 has 32 image placeholders"):
+        model.generate(**bad, max_new_tokens=1)
+    single = dict(inputs, input_ids=torch.cat([inputs["input_ids"][:, :5], torch.full((1, 3 * P), IMG),
+                                               inputs["input_ids"][:, -7:]], dim=1),
+                  pixel_values=torch.randn(1, 3, 3, SIZE, SIZE), image_sizes=torch.tensor([[SIZE, 2 * SIZE]]),
                   batch_num_images=torch.tensor([1]))
-    with pytest.raises(NotImplementedError, match=r"^images: .*single-crop"):
-        segprune_generate(model, single, pruner, max_new_tokens=1)
-    with pytest.raises(ValueError, match=r"^attention_mask: expected shape \(1, 44\)"):
-        segprune_generate(model, dict(bad, attention_mask=inputs["attention_mask"]), pruner, max_new_tokens=1)
-    with scene_context(pruner, grid=27), pytest.raises(ValueError, match="^grid: "):
-        prune_inputs(model, inputs)
-    with pytest.raises(ValueError, match=r"^views: SeGPruner picks 2 tokens by 3D distance"):
-        segprune_generate(model, inputs, SeGPruner(tokens=4, important_ratio=0.5), max_new_tokens=1)
-    with pytest.raises(RuntimeError, match="^pruner: "):
-        prune_inputs(model, inputs)
+    single["attention_mask"] = torch.ones_like(single["input_ids"])
+    with prune(model, pruner), pytest.raises(ValueError, match=r"^input_ids: sample 0 has \d+ image placeholders, not views"):
+        model.generate(**single, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"^method: segpruner needs 'geometry' .*pass views= .*'hf_onevision'"):
+        with prune(model, SeGPruner(tokens=4, important_ratio=0.5)):
+            pass
+    with prune(model, SeGPruner(tokens=4, important_ratio=0.5), views=[None]) as s:
+        assert s.host.name == "hf_onevision"
+        with pytest.raises(ValueError, match=r"^views: SeGPruner picks 2 tokens by 3D distance"):
+            model.generate(**inputs, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"^views: geometry was given for 2 sample\(s\)"):
+        with prune(model, SeGPruner(tokens=4, important_ratio=0.5), views=[None, None]):
+            model.generate(**inputs, max_new_tokens=1)
+    with pytest.raises(ValueError, match="^on_invalid_pose"):
+        with prune(model, pruner, on_invalid_pose="skip"):
+            pass
+    with pytest.raises(ValueError, match=r"^method: prumerge needs 'cls_token'"):
+        with prune(model, PruMerge()):
+            pass
 
 
 def test_demo_runs_and_writes_the_figures(tmp_path, capsys):

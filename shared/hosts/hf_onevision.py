@@ -1,45 +1,36 @@
-"""Pre-LLM selection (SeGPruner) on a native transformers ``LlavaOnevisionForConditionalGeneration``.
+"""Host adapter: native transformers 5.x ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2).
 
-Done outside the model's forward, so it does not depend on HF internals beyond public modules:
+Multi-view prompts as the processor builds them for nested image lists (``processor(images=[[v1, ...,
+vV]], text=[prompt])``): each view is one square crop, spliced as grid² row-major SigLIP tokens then one
+``image_newline`` (27² + 1 = 730 at 384 px). A sample with a single image is anyres-patched by
+transformers and has another layout: it is refused with the count of placeholders it has.
 
-1. run the vision tower once on all views; a forward pre-hook on the attention of the layer that
-   produces the features (``vision_feature_layer``; the last layer of the 26-layer OV tower)
-   records its input, from which the received-attention saliency is recomputed
-   (``shared.scoring.received_attention``; no attention maps, any attention backend);
-2. select per sample with the active ``scene_context`` (views of one sample together);
-3. project **only the kept tokens** with ``multi_modal_projector`` and append ``image_newline``
-   per view (T_v + 1 tokens, as LLaVA-OneVision's single-crop layout with the grid pruned);
-4. collapse each view's grid² + 1 placeholders in ``input_ids`` to T_v + 1 (attention mask rebuilt,
-   padding side kept), embed, ``masked_scatter`` the features, and call
-   ``model.generate(inputs_embeds=..., attention_mask=...)`` without ``pixel_values``.
+Per prefill, hooks capture the input of the attention layer that produces the features
+(``vision_feature_layer``) and the projector's input, both from the model's own tower forward. A
+pre-LLM selector (SeGPruner) then runs per sample on its views, with the saliency recomputed from that
+layer's q/k (``shared.scoring.received_attention``) and the geometry given as the ``views=`` option;
+its dropped grid tokens leave the LLM input (``input_keep``, newlines always kept). The LLM then sees
+exactly the sequence a collapsed prompt would give it: the kept tokens in row-major order per view, at
+renumbered positions (the projector is token-wise, so projecting every token and dropping some equals
+projecting only the kept ones).
 
-Inputs are the processor's output for **single-crop multi-image** prompts: pass images as nested
-lists, one list per sample (``processor(images=[[v1, ..., v12]], text=[prompt])``): transformers
->= 4.53 then pads each view to a square (mean colour), resizes it to the tower's size and sets
-``batch_num_images``; a sample with one image is anyres-patched and refused here. A (N, 3, H, W)
-``pixel_values`` built by hand with ``batch_num_images`` is accepted too.
+Options: ``views`` (per sample a ``shared.datasets.PreparedViews``, a ``SceneGeometry`` or None),
+``patch`` (pixels per token side, 14), ``on_invalid_pose`` / ``compat_released`` (see
+``geometry_from_views``), and the native options of ``hf_llava`` (``query_index``,
+``guidance_token_id``/``guidance_index``, ``sample_keys``).
 """
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import nn
 
 from ..scoring import capture_input, received_attention, tower_layers
-from .selection import SelectionContext, SelectionRecord, active_context, check_single_crop, scene_context
-
-
-def _core(model: nn.Module) -> nn.Module:
-    core = getattr(model, "model", None)
-    if core is None or not hasattr(core, "vision_tower") or not hasattr(core, "multi_modal_projector"):
-        raise TypeError(
-            f"model: expected a transformers LlavaOnevisionForConditionalGeneration (model.model.vision_tower, "
-            f"multi_modal_projector), got {type(model).__name__}"
-        )
-    return core
+from .base import register_host
+from .hf_llava import NativeHost
+from .selection import DEFAULT_PATCH, geometry_per_sample, run_selector, selection_record
 
 
 def grid_of(model: nn.Module) -> int:
@@ -48,184 +39,163 @@ def grid_of(model: nn.Module) -> int:
     return int(vc.image_size) // int(vc.patch_size)
 
 
-@dataclass
-class ViewEncoding:
-    """features: (N, P, C) pre-projector features (``vision_feature_layer`` output); saliency: (N, P) float32."""
-
-    features: torch.Tensor
-    saliency: torch.Tensor
-
-
-def encode_views(model: nn.Module, pixel_values: torch.Tensor) -> ViewEncoding:
-    """One vision-tower forward over N single-crop views (N, 3, H, W) -> features and saliency."""
-    core = _core(model)
-    cfg = model.config
-    layer = getattr(cfg, "vision_feature_layer", -1)
+def producer_attention(model: nn.Module) -> nn.Module:
+    """``self_attn`` of the tower layer whose output is ``hidden_states[vision_feature_layer]``."""
+    layer = getattr(model.config, "vision_feature_layer", -1)
     if not isinstance(layer, int):
         raise NotImplementedError(
             f"model: vision_feature_layer={layer!r} concatenates several layers; the saliency is defined for one layer"
         )
-    tower = core.vision_tower
-    layers = tower_layers(tower)
-    n_hidden = len(layers) + 1
-    producer = layer % n_hidden - 1  # hidden_states[i] is the output of encoder layer i - 1
+    if getattr(model.config, "vision_feature_select_strategy", "full") == "default":
+        raise NotImplementedError("model: vision_feature_select_strategy='default' (CLS dropped) is not an OV layout")
+    layers = tower_layers(model.model.vision_tower)
+    producer = layer % (len(layers) + 1) - 1  # hidden_states[i] is the output of encoder layer i - 1
     if producer < 0:
         raise ValueError(f"model: vision_feature_layer={layer} selects the embeddings, not an encoder layer")
-    attn = layers[producer].self_attn
-    param = next(tower.parameters())
-    with capture_input(attn) as box:
-        out = tower(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-    feats = out.hidden_states[layer]
-    if getattr(cfg, "vision_feature_select_strategy", "full") == "default":
-        raise NotImplementedError("model: vision_feature_select_strategy='default' (CLS dropped) is not an OV layout")
-    saliency = received_attention(attn, box.get())
-    return ViewEncoding(features=feats, saliency=saliency)
+    return layers[producer].self_attn
 
 
-def _flat_pixels(inputs: Mapping[str, Any], model: nn.Module) -> Tuple[torch.Tensor, List[int]]:
-    """(N, 3, H, W) single crops and the images per sample, from the processor's output."""
-    pv = inputs.get("pixel_values")
-    ids = inputs["input_ids"]
-    if pv is None:
-        raise ValueError("pixel_values: required (the views of each sample)")
-    bni = inputs.get("batch_num_images")
-    if bni is None:
-        if ids.shape[0] != 1:
-            raise ValueError("batch_num_images: required for a batch of several samples")
-        per_sample = [int(pv.shape[0])]
-    else:
-        per_sample = [int(n) for n in torch.as_tensor(bni).reshape(-1).tolist()]
-    if sum(per_sample) != pv.shape[0]:
-        raise ValueError(f"pixel_values: {pv.shape[0]} images, but batch_num_images sums to {sum(per_sample)}")
-    if pv.dim() == 4:
-        return pv, per_sample
-    if pv.dim() != 5:
-        raise ValueError(f"pixel_values: expected (N, 3, H, W) or (N, crops, 3, H, W), got {tuple(pv.shape)}")
-    # the processor pads the crop axis; HF patches a sample's image only when the sample has one image
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+@register_host
+class HFOneVisionHost(NativeHost):
+    name = "hf_onevision"
+    always = frozenset({"decoder", "vision_features", "token_subset"})
+    optional = {"guidance_token": "guidance_token_id", "geometry": "views"}
+    options = {"query_index": None, "guidance_index": None, "guidance_token_id": None, "sample_keys": None,
+               "views": None, "patch": DEFAULT_PATCH, "on_invalid_pose": "raise", "compat_released": False}
 
-    sizes = inputs.get("image_sizes")
-    crops = []
-    for b, n in enumerate(per_sample):
-        for _ in range(n):
-            if n > 1:
-                crops.append(1)
-            else:
-                i = len(crops)
-                crops.append(
-                    image_size_to_num_patches(sizes[i], model.config.image_grid_pinpoints, model.config.vision_config.image_size)
-                    if sizes is not None else pv.shape[1]
-                )
-    check_single_crop(crops)
-    return pv[:, 0], per_sample
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.opts["on_invalid_pose"] not in ("raise", "exclude"):
+            raise ValueError(f"on_invalid_pose: expected 'raise' or 'exclude', got {self.opts['on_invalid_pose']!r}")
+
+    def install(self, session: Any, stack: ExitStack) -> None:
+        core = self.core()
+        pre = session.pre
+        grid = grid_of(self.model)
+        p = grid * grid
+        pending: Dict[str, Any] = {}
+        attn_box = proj_box = None
+        attn = None
+        if pre is not None:
+            attn = producer_attention(self.model)
+            attn_box = stack.enter_context(capture_input(attn))
+            proj_box = stack.enter_context(_capture_first_arg(core.multi_modal_projector))
+
+        def on_model(_m, args, kwargs):
+            got = self._read_prompt(kwargs, args)
+            if got is not None:
+                if pre is not None:
+                    _check_views(got["visual"].sum(1).tolist(), kwargs.get("batch_num_images"), p)
+                pending.clear()
+                pending.update(got)
+
+        def on_decoder(_m, args, kwargs):
+            if not pending:
+                return None
+            ids, visual, gi = pending.pop("ids"), pending.pop("visual"), pending.pop("guidance")
+            rows = ids.shape[0]
+            counts = visual.sum(1)
+            views = [int(c) // (p + 1) for c in counts]
+            input_keep, pre_llm = None, None
+            if pre is not None:
+                _check_views(counts.tolist(), None, p)
+                feats, hidden = proj_box.get(), attn_box.get()
+                total = feats.shape[0]
+                per_row = views
+                k = _rows_per_sample(rows, per_row, total)
+                starts, s = [], 0
+                for v in per_row[::k]:
+                    starts.append(s)
+                    s += v
+                geometry = geometry_per_sample(self.opts["views"], len(starts), grid, self.opts["patch"],
+                                               on_invalid_pose=self.opts["on_invalid_pose"],
+                                               compat_released=self.opts["compat_released"])
+                keeps, pre_llm = [], []
+                for i, (s0, v) in enumerate(zip(starts, per_row[::k])):
+                    sl = slice(s0, s0 + v)
+                    sal = received_attention(attn, hidden[sl])
+                    keep = run_selector(pre, sal, feats[sl], geometry[i], grid)
+                    keeps.append(keep)
+                    pre_llm.append(selection_record(keep, sal, newline=True))
+                input_keep = torch.ones_like(visual)
+                for b in range(rows):
+                    pos = torch.nonzero(visual[b], as_tuple=False).flatten().view(-1, p + 1)
+                    grid_pos = pos[:, :p]
+                    input_keep[b, grid_pos[~keeps[b // k].to(grid_pos.device)]] = False
+            session.prefill(
+                visual_mask=visual, attention_mask=kwargs.get("attention_mask"), query_index=self.opts["query_index"],
+                guidance_index=gi, sample_keys=self.opts["sample_keys"], input_keep=input_keep, pre_llm=pre_llm,
+                source_visual=counts if input_keep is not None else None,
+            )
+            return None
+
+        def after_decoder(_m, _args, _kwargs, _out):
+            session.finish()
+
+        stack.callback(self.model.register_forward_pre_hook(on_model, with_kwargs=True).remove)
+        dec = self.decoder()
+        stack.callback(dec.register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
+        stack.callback(dec.register_forward_hook(after_decoder, with_kwargs=True).remove)
 
 
-@dataclass
-class PrunedInputs:
-    """What ``generate`` receives, plus the bookkeeping of the selection.
-
-    inputs_embeds (B, L', D), attention_mask (B, L'), input_ids (B, L') with the collapsed
-    placeholders; keep: per sample (V_b, P) bool; records: the selection records (one per sample);
-    visual_tokens / text_tokens: per sample, tokens the LLM sees.
-    """
-
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    input_ids: torch.Tensor
-    keep: List[torch.Tensor]
-    records: List[SelectionRecord]
-    visual_tokens: List[int]
-    text_tokens: List[int]
-    original_length: int
-
-
-def _padding_left(mask: torch.Tensor) -> bool:
-    """True if some row is left-padded (its first column is padding while a later one is not)."""
-    return bool(((mask[:, 0] == 0) & (mask.sum(1) > 0)).any())
-
-
-def prune_inputs(model: nn.Module, inputs: Mapping[str, Any], ctx: Optional[SelectionContext] = None) -> PrunedInputs:
-    """Steps 1-4 of the module docstring with the active ``scene_context`` (or ``ctx``)."""
-    ctx = ctx if ctx is not None else active_context()
-    if ctx is None:
-        raise RuntimeError("pruner: no selector; call inside `with scene_context(pruner, views):` or pass pruner=")
-    core = _core(model)
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)} like input_ids, got {tuple(mask.shape)}")
-    image_token = int(model.config.image_token_id)
-    pixels, per_sample = _flat_pixels(inputs, model)
-    grid = grid_of(model)
-    p = grid * grid
-    if ctx.grid is not None and ctx.grid != grid:
-        raise ValueError(f"grid: the scene_context was made for a {ctx.grid}x{ctx.grid} grid, the model has {grid}x{grid}")
-    counts = (ids == image_token).sum(dim=1).tolist()
-    for b, (c, n) in enumerate(zip(counts, per_sample)):
-        if c != n * (p + 1):
+def _check_views(counts: List[int], batch_num_images: Any, p: int) -> None:
+    """Each row's placeholders must be its views × (P grid + 1 newline): single-crop views."""
+    per_row = None if batch_num_images is None else [int(n) for n in torch.as_tensor(batch_num_images).reshape(-1)]
+    for b, c in enumerate(counts):
+        want = None if per_row is None or len(per_row) != len(counts) else per_row[b] * (p + 1)
+        if c % (p + 1) != 0 or (want is not None and c != want):
             raise ValueError(
-                f"input_ids: sample {b} has {c} image placeholders, expected {n} views x ({p} grid + 1 newline) = "
-                f"{n * (p + 1)}; build the prompt with the model's processor and nested image lists"
+                f"input_ids: sample {b} has {c} image placeholders, not views x ({p} grid + 1 newline)"
+                f"{'' if want is None else f' = {want}'}; give the views as nested image lists ([[v1, ..., vV]]) so "
+                f"each is one square crop"
             )
 
-    with torch.no_grad():
-        enc = encode_views(model, pixels)
-        newline = core.image_newline
-        proj = core.multi_modal_projector
-        embed = model.get_input_embeddings()
-        rows: List[torch.Tensor] = []
-        keeps: List[torch.Tensor] = []
-        start = 0
-        for b, n in enumerate(per_sample):
-            sl = slice(start, start + n)
-            keep = ctx.select(enc.saliency[sl], enc.features[sl], sample=b, newline=True)
-            keeps.append(keep)
-            feats = enc.features[sl]
-            kept = proj(feats[keep][None])[0]  # only the kept tokens, view-major, row-major inside a view
-            nl = newline.to(kept.device, kept.dtype)[None]
-            for v, chunk in enumerate(kept.split(keep.sum(dim=1).tolist())):
-                rows.append(torch.cat([chunk, nl]))
-            start += n
-        records = ctx.records[-len(per_sample):]
 
-        # collapse the placeholder runs and re-pad
-        left = _padding_left(mask)
-        pad_id = getattr(model.config.text_config, "pad_token_id", None)
-        pad_id = 0 if pad_id is None else int(pad_id)
-        seqs, vis, txt = [], [], []
-        for b in range(ids.shape[0]):
-            row = ids[b][mask[b].bool()]
-            keep_pos = torch.ones_like(row, dtype=torch.bool)
-            img_pos = (row == image_token).nonzero().flatten()
-            per_view = keeps[b].sum(dim=1).tolist()
-            for v, t in enumerate(per_view):
-                run = img_pos[v * (p + 1):(v + 1) * (p + 1)]
-                keep_pos[run[t + 1:]] = False  # keep T_v + 1 placeholders of this view
-            new = row[keep_pos]
-            seqs.append(new)
-            vis.append(int((new == image_token).sum()))
-            txt.append(int(new.shape[0]) - vis[-1])
-        length = max(s.shape[0] for s in seqs)
-        new_ids = torch.full((len(seqs), length), pad_id, dtype=ids.dtype, device=ids.device)
-        new_mask = torch.zeros((len(seqs), length), dtype=mask.dtype, device=ids.device)
-        for b, s in enumerate(seqs):
-            if left:
-                new_ids[b, length - s.shape[0]:] = s
-                new_mask[b, length - s.shape[0]:] = 1
-            else:
-                new_ids[b, : s.shape[0]] = s
-                new_mask[b, : s.shape[0]] = 1
-        embeds = embed(new_ids)
-        feats_all = torch.cat(rows).to(embeds.device, embeds.dtype)
-        slots = (new_ids == image_token) & new_mask.bool()
-        if int(slots.sum()) != feats_all.shape[0]:
-            raise RuntimeError(f"internal: {int(slots.sum())} placeholders for {feats_all.shape[0]} visual tokens")
-        embeds = embeds.masked_scatter(slots[..., None].to(embeds.device), feats_all)
-    return PrunedInputs(
-        inputs_embeds=embeds, attention_mask=new_mask, input_ids=new_ids, keep=[k.cpu() for k in keeps],
-        records=list(records), visual_tokens=vis, text_tokens=txt, original_length=int(ids.shape[1]),
+def _rows_per_sample(rows: int, views_per_row: List[int], total: int) -> int:
+    """k such that the captured ``total`` views are those of every k-th row (generate repeats each
+    sample k times for beams, after or before encoding its images)."""
+    for k in range(1, rows + 1):
+        if rows % k == 0 and sum(views_per_row[::k]) == total:
+            return k
+    raise ValueError(
+        f"pixel_values: {total} views were encoded for prompts holding {sum(views_per_row)} view placeholders in "
+        f"{rows} rows"
     )
+
+
+class _FirstArg:
+    def __init__(self) -> None:
+        self.value = None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("model: the projector has not run in this forward")
+        return self.value
+
+
+def _capture_first_arg(module: nn.Module):
+    """Record the first positional input of ``module`` at each call (hook removed on exit)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def cm():
+        box = _FirstArg()
+
+        def hook(_m, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            box.value = x.detach()
+
+        h = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield box
+        finally:
+            h.remove()
+
+    return cm()
 
 
 def multiview_inputs(
@@ -257,57 +227,4 @@ def multiview_inputs(
                 image_sizes=pix["image_sizes"].to(param.device), batch_num_images=pix["batch_num_images"])
 
 
-@dataclass
-class PrunedGeneration:
-    """sequences: (B, new) generated token ids (prompt not included); inputs: the pruned inputs."""
-
-    sequences: torch.Tensor
-    inputs: PrunedInputs
-
-
-def segprune_generate(
-    model: nn.Module,
-    inputs: Mapping[str, Any],
-    pruner: Any = None,
-    views: Any = None,
-    *,
-    patch: int = 14,
-    on_invalid_pose: str = "raise",
-    **generate_kwargs: Any,
-) -> PrunedGeneration:
-    """Select, project the kept tokens, and ``generate`` (see the module docstring).
-
-    inputs: the processor output (``input_ids``, ``attention_mask``, ``pixel_values``,
-    ``image_sizes``, ``batch_num_images``). pruner/views: a selector and the views' geometry (one
-    entry per sample) for a ``scene_context`` opened here; without them the active one is used.
-    on_invalid_pose: "raise" or "exclude" (views with a non-finite pose get no geometry).
-    generate_kwargs: passed to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample=False``).
-    """
-    with ExitStack() as stack:
-        if pruner is not None:
-            stack.enter_context(
-                scene_context(pruner, views, grid=grid_of(model), patch=patch, on_invalid_pose=on_invalid_pose)
-            )
-        elif views is not None:
-            raise ValueError("views: given without a pruner; pass pruner= too or open a scene_context")
-        pruned = prune_inputs(model, inputs)
-    extra: Dict[str, Any] = dict(generate_kwargs)
-    for key in ("pixel_values", "image_sizes", "batch_num_images", "input_ids", "attention_mask", "inputs_embeds"):
-        if key in extra:
-            raise ValueError(f"{key}: set from the pruned inputs; do not pass it to segprune_generate")
-    with torch.no_grad():
-        out = model.generate(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask, **extra)
-    seq = out.sequences if hasattr(out, "sequences") else out
-    return PrunedGeneration(sequences=seq, inputs=pruned)
-
-
-__all__ = [
-    "PrunedGeneration",
-    "PrunedInputs",
-    "ViewEncoding",
-    "encode_views",
-    "grid_of",
-    "multiview_inputs",
-    "prune_inputs",
-    "segprune_generate",
-]
+__all__ = ["HFOneVisionHost", "grid_of", "multiview_inputs", "producer_attention"]

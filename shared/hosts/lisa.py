@@ -1,48 +1,53 @@
-"""Glue for the patched LISA fork (``patches/LISA``; LLaVA-Lightning + SAM on transformers 4.31).
+"""Host adapter: the patched LISA fork (``patches/LISA``; LLaVA-Lightning + SAM on transformers 4.31).
 
 LISA's validation is teacher-forced: one forward over ``prompt + "[SEG].</s>"`` per image, all the
 image's expressions batched as right-padded rows (``use_cache=False``). The patch series adds two
-annotated calls to ``model/LISA.py`` ``LISAForCausalLM.model_forward`` and nothing else:
+annotated calls to ``model/LISA.py`` ``LISAForCausalLM.model_forward``, both no-ops unless a session
+(``shared.prune(model, method, host="lisa")``) is active on the model:
 
-- ``seg_offset(self, images_clip, kwargs.get("pruner"))`` replaces the hard-coded ``255`` (= N − 1
-  for N = 256 image tokens) of the ``seg_token_mask``; with a pre-LLM reducer (PruMerge, PruMerge+,
-  VisionZip) it runs the reducer first, so the offset is the reduced count K − 1.
-- ``pruning_context(self, input_ids, images_clip, kwargs.get("pruner"), image_paths=...)`` wraps the
-  inference ``super().forward(...)``. Inside it the engine replaces ``LisaModel.forward`` (the
-  LlamaModel decoder), so ``LlavaLlamaForCausalLM.forward`` needs no change: the hidden states come
-  back full length (pruned slots zero) and LISA's ``seg_token_mask`` indexing works unchanged.
+- ``seg_offset(self, images_clip)`` replaces the hard-coded ``255`` (= N − 1 for N = 256 image tokens)
+  of the ``seg_token_mask``; with a pre-LLM reducer (PruMerge, PruMerge+, VisionZip) it runs the
+  reducer on the CLIP tower first, so the offset is the reduced count K − 1.
+- ``forward_scope(self, input_ids, images_clip, image_paths=...)`` wraps the inference
+  ``super().forward(...)``. Inside it the projector takes the reducer's tokens, and a decoder pre-hook
+  reads the spliced sequence (image span and [SEG] of each row) and hands it to the session; the
+  engine runs ``LisaModel``'s layers, so ``LlavaLlamaForCausalLM.forward`` needs no change: hidden
+  states come back full length (pruned slots zero) and LISA's ``seg_token_mask`` indexing works.
 
-The eval driver passes the configuration through LISA's ``**kwargs`` as ``pruner=LisaPruner(...)``
-and reads the per-forward accounting from ``pruner.records`` afterwards::
+The eval driver opens the session around ``model(**input_dict)`` and reads ``session.last``::
 
-    pruner = LisaPruner(method=preset("7b-224/8-64-6-16", clustering="cls"))
-    out = model(**input_dict, pruner=pruner)        # LISAForCausalLM.forward -> model_forward
-    rec = pruner.records[-1]                         # stats per expression row
+    with shared.prune(model, preset("7b-224/8-64-6-16", clustering="cls"), host="lisa") as session:
+        out = model(**input_dict)                       # LISAForCausalLM.forward -> model_forward
+    rec = session.last                                    # stats per expression row
 
 Sequence layout (one image per row, ``mm_use_im_start_end``): ``input_ids`` holds one
 ``IMAGE_TOKEN_INDEX`` (−200) at index s (35 with the llava_v1 template); LLaVA's splice replaces it
 by the n image tokens, so the expanded sequence has the image at [s, s + n), the ``input_ids``
 index i of any later token moves to i + n − 1, and the 2-D attention mask LISA builds keeps the
 right padding at the end.
+
+Options: ``query`` — the scoring query of FastV/PyramidDrop (and of LVLM_CSP with
+``seg_query="query"``): ``pre_seg`` (default; the token before [SEG], whose hidden state LISA sends to
+SAM), ``seg`` or ``last`` (each row's last valid token, </s>); ``mask_source`` — Seg-First instance
+masks, a callable (H, W, 3) uint8 RGB → (M, H, W) (e.g. ``shared.segfirst.YoloMaskSource``), run on
+the original image of ``image_paths``; ``mask_threshold`` — patch coverage that puts a patch into an
+instance's token set.
 """
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..engine import DecoderRunner, PrefillStats, pruning
+from .base import HostAdapter, register_host, session_of
 
 #: LLaVA's placeholder for the image in ``input_ids`` (``utils.utils.IMAGE_TOKEN_INDEX``).
 IMAGE_TOKEN_INDEX = -200
 
-#: Scoring-query rows for FastV and PyramidDrop (LVLM_CSP ranks with [SEG] itself, or the row
-#: before it with the method's ``seg_query="pre_seg"``):
-#: ``pre_seg`` the token before [SEG] (ASSISTANT's ":", the last prompt token, whose hidden state
-#: LISA sends to SAM), ``seg`` the [SEG] token itself, ``last`` each row's last valid token (</s>).
+#: Scoring-query rows of the host (see the module docstring).
 QUERIES = ("pre_seg", "seg", "last")
 
 
@@ -110,176 +115,6 @@ def last_clip_attention(model: nn.Module) -> nn.Module:
     return tower_layers(clip_model(model))[-1].self_attn
 
 
-# --------------------------------------------------------------------------------- configuration
-@dataclass
-class LisaRecord:
-    """Accounting of one patched forward (one image, B expression rows).
-
-    stats: the engine's ``PrefillStats`` ((B, layers) tokens / visual tokens per layer; built from
-    the layout when no in-LLM method ran). image_tokens: n, the image tokens spliced into each row
-    (N, or K after a reducer). patches: N of the tower. seg_index: (B,) expanded index of each row's
-    [SEG] (−1 where absent). selection: per row the sorted indices (into the n image tokens) of
-    LVLM_CSP's clustering stage, or None. info: method details (Seg-First: instances, quotas,
-    fallback_used).
-    """
-
-    stats: PrefillStats
-    image_tokens: int
-    patches: int
-    seg_index: torch.Tensor
-    selection: Optional[List[torch.Tensor]] = None
-    info: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def selected(self) -> Optional[List[int]]:
-        """|S| per row (LVLM_CSP's clustering stage), or None."""
-        return None if self.selection is None else [int(s.numel()) for s in self.selection]
-
-    @property
-    def text_tokens(self) -> List[int]:
-        """Valid non-image tokens per row (N_sys + N_usr + N_out)."""
-        return [int(t) - self.image_tokens for t in self.stats.sequence_length]
-
-
-@dataclass
-class LisaPruner:
-    """What LISA's ``model_forward`` receives as ``kwargs["pruner"]``.
-
-    method: in-LLM method config (``LVLMCSP``, ``FastV``, ``PyramidDrop``) or None.
-    reducer: pre-LLM reducer (``PruMerge``, ``PruMergePlus``, ``VisionZip``) or None; not both.
-    mask_source: Seg-First instance masks, callable (H, W, 3) uint8 RGB → (M, H, W) (e.g.
-        ``shared.segfirst.YoloMaskSource``); required for LVLM_CSP ``clustering="seg_first"``.
-    query: scoring query of FastV/PyramidDrop, one of ``QUERIES`` (default ``pre_seg``); LVLM_CSP
-        ranks with the guidance token [SEG] and its own ``seg_query``, so ``query`` must stay default.
-    mask_threshold: patch coverage that puts a patch into an instance's token set (Seg-First).
-    records: one ``LisaRecord`` appended per forward.
-    """
-
-    method: Any = None
-    reducer: Any = None
-    mask_source: Any = None
-    query: str = "pre_seg"
-    mask_threshold: float = 0.5
-    records: List[LisaRecord] = field(default_factory=list, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.method is not None and not callable(getattr(self.method, "make_plan", None)):
-            raise TypeError(
-                f"method: expected an in-LLM method config with make_plan (LVLMCSP, FastV, PyramidDrop), "
-                f"got {type(self.method).__name__}"
-            )
-        if self.reducer is not None and not (
-            callable(getattr(self.reducer, "capture", None)) and callable(getattr(self.reducer, "reduce", None))
-        ):
-            raise TypeError(
-                f"reducer: expected a pre-LLM reducer with capture/reduce (PruMerge, PruMergePlus, VisionZip), "
-                f"got {type(self.reducer).__name__}"
-            )
-        if self.method is not None and self.reducer is not None:
-            raise ValueError("method/reducer: give an in-LLM method or a pre-LLM reducer, not both")
-        if self.query not in QUERIES:
-            raise ValueError(f"query: expected one of {', '.join(QUERIES)}, got {self.query!r}")
-        if self.query != "pre_seg" and hasattr(self.method, "seg_query"):
-            raise ValueError(
-                "query: LVLM_CSP ranks with the [SEG] token (or the row before it); choose that with the "
-                "method's seg_query='seg'|'pre_seg', not with LisaPruner.query"
-            )
-        if self.mask_source is not None and not callable(self.mask_source):
-            raise TypeError(f"mask_source: expected a callable image -> (M, H, W) masks, got {type(self.mask_source).__name__}")
-        t = self.mask_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0:
-            raise ValueError(f"mask_threshold: expected a coverage fraction in (0, 1], got {t!r}")
-        if self.clustering == "seg_first" and self.mask_source is None:
-            raise ValueError("mask_source: LVLM_CSP clustering='seg_first' needs an instance-mask source")
-        self._reduced: Optional[_Reduced] = None
-
-    @property
-    def clustering(self) -> Optional[str]:
-        """LVLM_CSP's clustering mode when its clustering stage runs (``cluster_layers > 0``), else None."""
-        m = self.method
-        mode = getattr(m, "clustering", None)
-        if mode is not None and callable(getattr(m, "cluster", None)) and getattr(m, "cluster_layers", 0) > 0:
-            return mode
-        return None
-
-    @property
-    def last(self) -> Optional[LisaRecord]:
-        return self.records[-1] if self.records else None
-
-
-@dataclass
-class _Reduced:
-    """Reducer output prepared for one ``images_clip`` of one model."""
-
-    model_id: int
-    key: tuple
-    features: torch.Tensor  # (n_images, K, C) pre-projector, tower dtype
-    count: int
-
-
-def _images_key(images_clip: torch.Tensor) -> tuple:
-    return (images_clip.data_ptr(), tuple(images_clip.shape), images_clip.dtype, str(images_clip.device))
-
-
-def _as_pruner(method: Any, mask_source: Any, query: Optional[str]) -> Optional[LisaPruner]:
-    if method is None:
-        if mask_source is not None or query is not None:
-            raise ValueError("mask_source/query: given without a method")
-        return None
-    if isinstance(method, LisaPruner):
-        if mask_source is not None or query is not None:
-            raise ValueError("mask_source/query: already set on the LisaPruner; do not pass them again")
-        return method
-    if callable(getattr(method, "capture", None)) and callable(getattr(method, "reduce", None)):
-        return LisaPruner(reducer=method)
-    return LisaPruner(method=method, mask_source=mask_source, query=query or "pre_seg")
-
-
-# ------------------------------------------------------------------------------ pre-LLM reducers
-def prepare_reducer(model: nn.Module, images_clip: torch.Tensor, pruner: LisaPruner) -> int:
-    """Run ``pruner.reducer`` on the CLIP tower for ``images_clip`` (n_images, 3, H, W) once and keep
-    the reduced pre-projector tokens for the projector hook of ``pruning_context``. Returns K, the
-    tokens per image (they must be equal across the images: LISA's offset is one number)."""
-    if not isinstance(images_clip, torch.Tensor) or images_clip.dim() != 4:
-        raise ValueError(
-            f"images_clip: expected a (n_images, 3, H, W) tensor, got "
-            f"{tuple(images_clip.shape) if isinstance(images_clip, torch.Tensor) else type(images_clip).__name__}"
-        )
-    key = _images_key(images_clip)
-    r = pruner._reduced
-    if r is not None and r.model_id == id(model) and r.key == key:
-        return r.count
-    reduced = pruner.reducer(clip_model(model), images_clip)
-    counts = sorted({int(c) for c in reduced.counts.tolist()})
-    if len(counts) != 1:
-        raise ValueError(
-            f"images_clip: the reducer kept {counts} tokens for the {images_clip.shape[0]} images; LISA's "
-            f"[SEG] offset needs one count per batch (evaluate one image per batch, as ValDataset does)"
-        )
-    pruner._reduced = _Reduced(id(model), key, reduced.features, counts[0])
-    return counts[0]
-
-
-def image_token_count(model: nn.Module, images_clip: Optional[torch.Tensor] = None, pruner: Any = None) -> int:
-    """Image tokens each row's sequence holds: N of the tower, or K after ``pruner``'s reducer
-    (which this call runs on ``images_clip`` if it has not run for them yet)."""
-    if isinstance(pruner, LisaPruner) and pruner.reducer is not None:
-        if images_clip is None:
-            raise ValueError("images_clip: a pre-LLM reducer needs the CLIP images to count its tokens")
-        return prepare_reducer(model, images_clip, pruner)
-    if pruner is not None and not isinstance(pruner, LisaPruner):
-        return image_token_count(model, images_clip, _as_pruner(pruner, None, None))
-    return num_patches(model)
-
-
-def seg_offset(model: nn.Module, images_clip: Optional[torch.Tensor] = None, pruner: Any = None) -> int:
-    """Replaces LISA's hard-coded 255 in ``seg_token_mask``: image tokens in the sequence − 1.
-
-    With it, ``cat([zeros(B, offset), input_ids[:, 1:] == seg, False])`` marks expanded position
-    i_SEG + n − 2, the token before [SEG], as upstream does for n = 256."""
-    return image_token_count(model, images_clip, pruner) - 1
-
-
 # ------------------------------------------------------------------------------------ positions
 def image_starts(input_ids: torch.Tensor) -> torch.Tensor:
     """(B,) index of the single ``IMAGE_TOKEN_INDEX`` in each row of ``input_ids`` (B, L)."""
@@ -329,7 +164,7 @@ def expanded_layout(input_ids: torch.Tensor, image_tokens: int, seg_token_idx: i
     return ExpandedLayout(spans, seg_exp, int(input_ids.shape[1]) + image_tokens - 1, image_tokens)
 
 
-# ------------------------------------------------------------------------------------ selection
+# ------------------------------------------------------------------------------------ images
 def _load_rgb(path: str):
     import numpy as np
 
@@ -341,230 +176,240 @@ def _load_rgb(path: str):
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def seg_first_selection(model: nn.Module, pruner: LisaPruner, image_path: str, visual_tokens: int):
-    """LVLM_CSP Seg-First selection for one image: instance masks of the ORIGINAL image at
-    ``image_path`` → CLIP grid (the tower's image/patch size) → ``method.cluster``. Returns
-    (indices (|S|,), info dict with ``instances`` and the method's info)."""
-    from ..segfirst import check_source_output, masks_to_grid
+# ------------------------------------------------------------------------------------ the host
+@dataclass
+class _Reduced:
+    """Reducer output prepared for one ``images_clip``."""
 
-    size, patch = tower_geometry(model)
-    image = _load_rgb(image_path)
-    masks = check_source_output(pruner.mask_source(image), image)  # (M, H, W) at the original image size
-    grid = masks_to_grid(masks, size=size, patch=patch, threshold=pruner.mask_threshold)
-    if grid.num_tokens != visual_tokens:
-        raise ValueError(
-            f"mask_source: the {grid.grid}x{grid.grid} CLIP grid of {size} px / {patch} px patches does not match the "
-            f"{visual_tokens} image tokens of the sequence"
-        )
-    idx, info = pruner.method.cluster(visual_tokens, grid_masks=grid)
-    info = dict(info)
-    info["instances"] = int(len(grid.token_sets))
-    return torch.as_tensor(idx).long(), info
+    key: tuple
+    features: torch.Tensor  # (n_images, K, C) pre-projector, tower dtype
+    count: int
+    record: List[Dict[str, Any]]
 
 
-def _analytic_stats(attention_mask: torch.Tensor, image_tokens: int, layers: int) -> PrefillStats:
-    valid = attention_mask.bool().sum(dim=1).cpu().long()
-    b = valid.shape[0]
-    return PrefillStats(
-        tokens=valid[:, None].expand(b, layers).clone(),
-        visual=torch.full((b, layers), image_tokens, dtype=torch.long),
-        sequence_length=valid.clone(),
-        visual_tokens=torch.full((b,), image_tokens, dtype=torch.long),
-    )
+def _images_key(images_clip: torch.Tensor) -> tuple:
+    return (images_clip.data_ptr(), tuple(images_clip.shape), images_clip.dtype, str(images_clip.device))
 
 
-# ------------------------------------------------------------------------------------ the context
-class LisaSession:
-    """State of one ``pruning_context`` block (one patched forward)."""
+@register_host
+class LisaHost(HostAdapter):
+    name = "lisa"
+    always = frozenset({"decoder", "guidance_token", "cls_attention", "cls_token", "vision_features",
+                        "token_subset", "token_merge"})
+    optional = {"instance_masks": "mask_source"}
+    options = {"query": "pre_seg", "mask_source": None, "mask_threshold": 0.5}
 
-    def __init__(self, model: nn.Module, pruner: LisaPruner, engine: Optional[DecoderRunner]) -> None:
-        self.model = model
-        self.pruner = pruner
-        self.engine = engine
-        self.layout: Optional[ExpandedLayout] = None
-        self.attention_mask: Optional[torch.Tensor] = None
-        self.selection: Optional[List[torch.Tensor]] = None
-        self.info: Dict[str, Any] = {}
-        self.record: Optional[LisaRecord] = None
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LISAForCausalLM"
+
+    def check_options(self) -> None:
+        if self.opts["query"] not in QUERIES:
+            raise ValueError(f"query: expected one of {', '.join(QUERIES)}, got {self.opts['query']!r}")
+        src = self.opts["mask_source"]
+        if src is not None and not callable(src):
+            raise TypeError(f"mask_source: expected a callable image -> (M, H, W) masks, got {type(src).__name__}")
+        t = self.opts["mask_threshold"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0:
+            raise ValueError(f"mask_threshold: expected a coverage fraction in (0, 1], got {t!r}")
+        self._reduced: Optional[_Reduced] = None
+        self._cls_box: Any = None
+
+    def decoder(self) -> nn.Module:
+        return decoder(self.model)
+
+    def install(self, session: Any, stack: ExitStack) -> None:
+        method = session.method
+        if method is not None and "cls_attention" in method.needs():
+            from ..scoring import capture_input
+
+            self._cls_box = stack.enter_context(capture_input(last_clip_attention(self.model)))
+        stack.callback(setattr, self, "_reduced", None)
+
+    # ---------------------------------------------------------------- pre-LLM
+    def image_tokens(self, session: Any, images_clip: Optional[torch.Tensor]) -> int:
+        """Image tokens each row's sequence holds: N of the tower, or K after the session's reducer (run
+        here once per ``images_clip``)."""
+        if session.pre is None:
+            return num_patches(self.model)
+        if not isinstance(images_clip, torch.Tensor) or images_clip.dim() != 4:
+            raise ValueError(
+                f"images_clip: a pre-LLM reducer needs the (n_images, 3, H, W) CLIP images, got "
+                f"{tuple(images_clip.shape) if isinstance(images_clip, torch.Tensor) else type(images_clip).__name__}"
+            )
+        key = _images_key(images_clip)
+        r = self._reduced
+        if r is not None and r.key == key:
+            return r.count
+        reduced = session.pre(clip_model(self.model), images_clip)
+        counts = sorted({int(c) for c in reduced.counts.tolist()})
+        if len(counts) != 1:
+            raise ValueError(
+                f"images_clip: the reducer kept {counts} tokens for the {images_clip.shape[0]} images; LISA's "
+                f"[SEG] offset needs one count per batch (evaluate one image per batch, as ValDataset does)"
+            )
+        record = [{"tokens": counts[0], "indices": reduced.indices[i, : counts[0]].cpu()}
+                  for i in range(reduced.features.shape[0])]
+        self._reduced = _Reduced(key, reduced.features, counts[0], record)
+        return counts[0]
+
+    def _seg_first_inputs(self, method: Any, image_paths: Optional[Sequence[str]], n: int) -> Dict[str, Any]:
+        from ..segfirst import check_source_output, masks_to_grid
+
+        paths = list(image_paths) if image_paths is not None else []
+        if len(paths) != 1:
+            raise ValueError(
+                f"image_paths: Seg-First needs the one original image the rows share (LISA inference), got {len(paths)} paths"
+            )
+        size, patch = tower_geometry(self.model)
+        image = _load_rgb(paths[0])
+        masks = check_source_output(self.opts["mask_source"](image), image)  # (M, H, W) at the original size
+        grid = masks_to_grid(masks, size=size, patch=patch, threshold=self.opts["mask_threshold"])
+        if grid.num_tokens != n:
+            raise ValueError(
+                f"mask_source: the {grid.grid}x{grid.grid} CLIP grid of {size} px / {patch} px patches does not match "
+                f"the {n} image tokens of the sequence"
+            )
+        return {"grid_masks": grid}
+
+    # ---------------------------------------------------------------- forward
+    @contextmanager
+    def forward(self, session: Any, input_ids: torch.Tensor, images_clip: Optional[torch.Tensor],
+                image_paths: Optional[Sequence[str]] = None) -> Iterator[None]:
+        """One teacher-forced forward of the rows of ``input_ids`` (see ``forward_scope``)."""
+        model, method = self.model, session.method
+        seg_id = int(getattr(model, "seg_token_idx"))
+        patches = num_patches(model)
+        n_img = self.image_tokens(session, images_clip)
+        layout = expanded_layout(input_ids, n_img, seg_id)
+        uses_seg = method is not None and (self.opts["query"] in ("pre_seg", "seg") or "guidance_token" in method.needs())
+        if uses_seg and bool((layout.seg_index < 0).any()):
+            rows = (layout.seg_index < 0).nonzero().flatten().tolist()
+            raise ValueError(f"input_ids: rows {rows} have no [SEG] token (id {seg_id}); the method's query needs it")
+        key = str(image_paths[0]) if image_paths else None
+        extra: Dict[str, Any] = {}
+        mode = getattr(method, "clustering", None) if method is not None and method.uses_selection else None
+        if mode == "seg_first" and getattr(method, "cluster_layers", 0) > 0:
+            extra = self._seg_first_inputs(method, image_paths, n_img)
+        seen: Dict[str, Any] = {}
+        with ExitStack() as stack:
+            reduced = self._reduced if session.pre is not None else None
+            if reduced is not None:
+                stack.callback(projector(model).register_forward_pre_hook(_feed(reduced.features, patches),
+                                                                          with_kwargs=True).remove)
+
+            def on_decoder(_module, args, kwargs):
+                emb, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+                if emb is None or mask is None:
+                    raise ValueError(
+                        "inputs_embeds/attention_mask: the LISA glue expects the spliced embeddings and the 2-D padding mask"
+                    )
+                b, length = emb.shape[:2]
+                if b != input_ids.shape[0] or length != layout.length:
+                    raise ValueError(
+                        f"inputs_embeds: expected ({input_ids.shape[0]}, {layout.length}) = input_ids rows and "
+                        f"L_ids + {n_img} - 1 positions (one image of {n_img} tokens per row), got ({b}, {length})"
+                    )
+                seen["mask"] = mask.detach()
+                seg = layout.seg_index.to(emb.device)
+                query = self.opts["query"]
+                qi = None if not uses_seg or query == "last" else (seg - 1 if query == "pre_seg" else seg)
+                inputs = None
+                if mode is not None:
+                    cls_scores = None
+                    if self._cls_box is not None:
+                        from ..scoring import cls_attention
+
+                        scores = cls_attention(last_clip_attention(model), self._cls_box.get())
+                        if scores.shape[1] != n_img or scores.shape[0] not in (1, b):
+                            raise ValueError(
+                                f"images_clip: clustering='cls' needs the tower run on one image or one per row with "
+                                f"{n_img} patches, got [CLS] scores of shape {tuple(scores.shape)}"
+                            )
+                        cls_scores = [scores[r if scores.shape[0] == b else 0].cpu() for r in range(b)]
+                    inputs = [dict(extra, key=key, cls_scores=None if cls_scores is None else cls_scores[r])
+                              for r in range(b)]
+                session.prefill(
+                    visual_spans=layout.visual_spans, attention_mask=mask, query_index=qi,
+                    guidance_index=seg if uses_seg else None, sample_keys=[key] * b if key else None,
+                    selection_inputs=inputs,
+                    pre_llm=None if reduced is None else [reduced.record[0]] * b,
+                    source_visual=None if reduced is None else torch.full((b,), patches, dtype=torch.long),
+                    host_info={"seg_index": layout.seg_index.cpu(), "image_tokens": n_img, "patches": patches,
+                               "instances": None if "grid_masks" not in extra else len(extra["grid_masks"].token_sets)},
+                )
+                return None
+
+            stack.callback(self.decoder().register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
+            yield
+        if "mask" not in seen:
+            raise RuntimeError("model: the decoder did not run inside forward_scope")
+        session.finish(attention_mask=seen["mask"])
+
+
+def _feed(features: torch.Tensor, patches: int):
+    """Projector pre-hook that replaces the tower's (rows, N, C) patch features by the reducer's tokens."""
+
+    def on_projector(_m, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != patches:
+            raise ValueError(
+                f"mm_projector: expected the tower's (rows, {patches}, C) patch features, got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        feats = features
+        if feats.shape[0] == 1 and x.shape[0] != 1:
+            feats = feats.expand(x.shape[0], -1, -1)
+        elif feats.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"images_clip: the reducer ran on {feats.shape[0]} images but the tower on {x.shape[0]} rows; "
+                f"expected one shared image or one image per row"
+            )
+        feats = feats.to(device=x.device, dtype=x.dtype)
+        return ((feats,) + tuple(args[1:]), kwargs) if args else ((feats,), {})
+
+    return on_projector
+
+
+# -------------------------------------------------------------------------------- patch hooks
+def seg_offset(model: nn.Module, images_clip: Optional[torch.Tensor] = None) -> int:
+    """Replaces LISA's hard-coded 255 in ``seg_token_mask``: image tokens in the sequence − 1.
+
+    With it, ``cat([zeros(B, offset), input_ids[:, 1:] == seg, False])`` marks expanded position
+    i_SEG + n − 2, the token before [SEG], as upstream does for n = 256. Without an active session: the
+    tower's N − 1 (575 for a 336-px CLIP)."""
+    session = session_of(model)
+    if session is None:
+        return num_patches(model) - 1
+    return session.host.image_tokens(session, images_clip) - 1
 
 
 @contextmanager
-def pruning_context(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    images_clip: Optional[torch.Tensor],
-    method: Any,
-    image_paths: Optional[Sequence[str]] = None,
-    mask_source: Any = None,
-    query: Optional[str] = None,
-    seg_token_idx: Optional[int] = None,
-) -> Iterator[Optional[LisaSession]]:
-    """Run LISA's inference ``super().forward`` of ``model`` (``LISAForCausalLM``) under ``method``.
-
-    input_ids: (B, L) the rows' token ids with one ``IMAGE_TOKEN_INDEX`` each (right padded).
-    images_clip: (n_images, 3, H, W) CLIP inputs (LISA inference: one image shared by all rows).
-    method: a ``LisaPruner``, an in-LLM method config (``LVLMCSP``/``FastV``/``PyramidDrop``), a
-        pre-LLM reducer, or None (no-op: yields None and installs nothing).
-    image_paths: the batch's original image paths (Seg-First reads the image from disk).
-    mask_source / query: see ``LisaPruner`` (only with a bare method config).
-    seg_token_idx: id of [SEG] (default ``model.seg_token_idx``).
-
-    Installs, for the block only: the engine on ``model.get_model()`` (in-LLM methods); a hook on the
-    last CLIP layer's ``self_attn`` (LVLM_CSP ``cls``); a pre-hook on ``mm_projector`` that feeds it
-    the reducer's tokens (pre-LLM reducers); and a decoder pre-hook that checks the spliced sequence
-    against ``input_ids``, computes the clustering selection and calls ``engine.prepare``. On a normal
-    exit a ``LisaRecord`` is appended to ``pruner.records`` (and set on the yielded session).
-    """
-    pruner = _as_pruner(method, mask_source, query)
-    if pruner is None:
-        yield None
+def forward_scope(model: nn.Module, input_ids: torch.Tensor, images_clip: Optional[torch.Tensor],
+                  image_paths: Optional[Sequence[str]] = None) -> Iterator[None]:
+    """Wraps LISA's inference ``super().forward``: a no-op without an active session, else one recorded,
+    pruned teacher-forced forward (see ``LisaHost.forward``)."""
+    session = session_of(model)
+    if session is None:
+        yield
         return
-    seg_id = int(seg_token_idx if seg_token_idx is not None else getattr(model, "seg_token_idx"))
-    dec = decoder(model)
-    patches = num_patches(model)
-    needs_seg = pruner.method is not None and (
-        pruner.query in ("pre_seg", "seg") or getattr(pruner.method, "clustering", None) is not None
-    )
-    with ExitStack() as stack:
-        stack.callback(setattr, pruner, "_reduced", None)  # a reducer's tokens serve this forward only
-        engine = stack.enter_context(pruning(dec, pruner.method)) if pruner.method is not None else None
-        session = LisaSession(model, pruner, engine)
-        mode = pruner.clustering
-        cls_box = None
-        if mode == "cls":
-            from ..scoring import capture_input
-
-            cls_box = stack.enter_context(capture_input(last_clip_attention(model)))
-        fixed_selection = None
-        if mode == "seg_first":
-            paths = list(image_paths) if image_paths is not None else []
-            if len(paths) != 1:
-                raise ValueError(
-                    f"image_paths: Seg-First needs the one original image the rows share (LISA inference), got {len(paths)} paths"
-                )
-            idx, info = seg_first_selection(model, pruner, paths[0], patches)
-            fixed_selection = idx
-            session.info.update(info)
-
-        n_img = patches
-        if pruner.reducer is not None:
-            if images_clip is None:
-                raise ValueError("images_clip: a pre-LLM reducer needs the CLIP images")
-            n_img = prepare_reducer(model, images_clip, pruner)
-            reduced = pruner._reduced
-
-            def on_projector(_m, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != patches:
-                    raise ValueError(
-                        f"mm_projector: expected the tower's (rows, {patches}, C) patch features, got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-                    )
-                feats = reduced.features
-                if feats.shape[0] == 1 and x.shape[0] != 1:
-                    feats = feats.expand(x.shape[0], -1, -1)
-                elif feats.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"images_clip: the reducer ran on {feats.shape[0]} images but the tower on {x.shape[0]} rows; "
-                        f"expected one shared image or one image per row"
-                    )
-                feats = feats.to(device=x.device, dtype=x.dtype)
-                return ((feats,) + tuple(args[1:]), kwargs) if args else ((feats,), {})
-
-            stack.callback(projector(model).register_forward_pre_hook(on_projector, with_kwargs=True).remove)
-        layout = expanded_layout(input_ids, n_img, seg_id)
-        session.layout = layout
-        if needs_seg and bool((layout.seg_index < 0).any()):
-            rows = (layout.seg_index < 0).nonzero().flatten().tolist()
-            raise ValueError(f"input_ids: rows {rows} have no [SEG] token (id {seg_id}); the method's query needs it")
-
-        def on_decoder(_module, args, kwargs):
-            emb = kwargs.get("inputs_embeds")
-            mask = kwargs.get("attention_mask")
-            if emb is None or mask is None:
-                raise ValueError(
-                    "inputs_embeds/attention_mask: the LISA glue expects the spliced embeddings and the 2-D padding mask"
-                )
-            b, length = emb.shape[:2]
-            if b != input_ids.shape[0] or length != layout.length:
-                raise ValueError(
-                    f"inputs_embeds: expected ({input_ids.shape[0]}, {layout.length}) = input_ids rows and "
-                    f"L_ids + {n_img} - 1 positions (one image of {n_img} tokens per row), got ({b}, {length})"
-                )
-            session.attention_mask = mask.detach()
-            if engine is None:
-                return None
-            gi = layout.seg_index.to(emb.device) if needs_seg else None
-            if pruner.query == "pre_seg":
-                qi = gi - 1
-            elif pruner.query == "seg":
-                qi = gi
-            else:
-                qi = None
-            selection = None
-            if mode == "cls":
-                from ..scoring import cls_attention
-
-                hidden = cls_box.get()
-                scores = cls_attention(last_clip_attention(model), hidden)
-                if scores.shape[1] != n_img or scores.shape[0] not in (1, b):
-                    raise ValueError(
-                        f"images_clip: clustering='cls' needs the tower run on one image or one per row with "
-                        f"{n_img} patches, got [CLS] scores of shape {tuple(scores.shape)}"
-                    )
-                selection = [
-                    pruner.method.cluster(n_img, cls_scores=scores[r if scores.shape[0] == b else 0].cpu())[0]
-                    for r in range(b)
-                ]
-            elif mode == "seg_first":
-                selection = [fixed_selection] * b
-            elif mode is not None:  # random / uniform: the method's own rule, recorded here
-                selection = [pruner.method.cluster(n_img)[0]] * b
-            if selection is not None:
-                selection = [torch.as_tensor(s).long().cpu() for s in selection]
-                session.selection = selection
-            engine.prepare(
-                visual_spans=layout.visual_spans, query_index=qi, guidance_index=gi, visual_selection=selection
-            )
-            return None
-
-        stack.callback(dec.register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
-        yield session
-        if session.attention_mask is None:
-            raise RuntimeError("model: the decoder did not run inside pruning_context")
-        if engine is not None:
-            stats = engine.last_stats
-        else:
-            stats = _analytic_stats(session.attention_mask, n_img, len(dec.layers))
-        session.record = LisaRecord(
-            stats=stats,
-            image_tokens=n_img,
-            patches=patches,
-            seg_index=layout.seg_index.detach().cpu(),
-            selection=session.selection,
-            info=dict(session.info),
-        )
-        pruner.records.append(session.record)
+    with session.host.forward(session, input_ids, images_clip, image_paths):
+        yield
 
 
 __all__ = [
     "ExpandedLayout",
     "IMAGE_TOKEN_INDEX",
-    "LisaPruner",
-    "LisaRecord",
-    "LisaSession",
+    "LisaHost",
     "QUERIES",
     "clip_model",
     "decoder",
     "expanded_layout",
+    "forward_scope",
     "image_starts",
-    "image_token_count",
     "last_clip_attention",
     "num_patches",
-    "prepare_reducer",
     "projector",
-    "pruning_context",
-    "seg_first_selection",
     "seg_offset",
     "seg_positions",
     "tower_geometry",

@@ -1,44 +1,49 @@
-"""Glue for the patched LLaVA-NeXT fork (``patches/LLaVA-NeXT``; LLaVA-OneVision-Qwen2).
+"""Host adapter: the patched LLaVA-NeXT fork (``patches/LLaVA-NeXT``; LLaVA-OneVision-Qwen2).
 
-The patch series only adds annotated calls into this module:
+The patch series only adds annotated calls into this module, each a no-op unless a session
+(``shared.prune(model, method, host="llava_next", views=...)``) is active on the model:
 
 - **P1** ``select_image_tokens`` in ``prepare_inputs_labels_for_multimodal``, right after the
-  features are merged per image (single crop: 729 grid tokens + 1 ``image_newline``): when a
-  ``scene_context`` is active, the selector picks grid tokens per view from the last SigLIP layer's
-  received attention and the pre-projector features (both captured by hooks that ``attach``
-  installs), and each view keeps its kept tokens in row-major order plus its newline.
-  The fork's projector has already run on all tokens at this point; it is applied token by token
-  (``mlp2x_gelu``), so pruning after projection gives exactly the rows that projecting only the
-  kept tokens would (the native host, ``shared.hosts.hf_onevision``, projects only the kept ones).
+  features are merged per image (single crop: 729 grid tokens + 1 ``image_newline``): with a pre-LLM
+  selector, each sample's views are ranked from the last SigLIP layer's received attention and the
+  pre-projector features (both captured by hooks the session installs), and each view keeps its
+  kept tokens in row-major order plus its newline. The fork's projector has already run on all tokens
+  at this point; it is applied token by token (``mlp2x_gelu``), so pruning after projection gives
+  exactly the rows that projecting only the kept tokens would.
 - **P2** ``segment_mask`` / ``publish_visual_mask``: the visual-token mask of the spliced sequence,
-  after truncation and left/right padding, for in-LLM methods and the token accounting.
-- **P3** ``qwen2_forward``: ``LlavaQwenModel.forward`` routes to the engine's decoder runner while
-  an in-LLM method is attached, and to the stock ``Qwen2Model.forward`` otherwise.
+  after truncation and left/right padding, handed to the session (in-LLM methods, accounting).
+- **P3** ``qwen2_forward``: ``LlavaQwenModel.forward`` routes to the session's engine while an in-LLM
+  method is active, and to the stock ``Qwen2Model.forward`` otherwise.
 
 Usage (eval driver)::
 
-    with llava_next.attach(model):                      # hooks; once per model
-        with scene_context(SeGPruner(...), views=prep):   # per call: selector + geometry
-            out = model.generate(input_ids, images=images, image_sizes=sizes, ...)
+    with shared.prune(model, SeGPruner(...), host="llava_next", views=[prep]) as session:
+        out = model.generate(input_ids, images=images, image_sizes=sizes, ...)
+    session.last.pre_llm[0]["keep"]     # (V, 729) kept grid tokens of sample 0
+
+Options: ``views`` (per sample a ``PreparedViews``/``SceneGeometry``/None), ``patch`` (14),
+``on_invalid_pose``, ``compat_released`` (see ``geometry_from_views``), ``query_index`` (B,),
+``sample_keys``.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from contextlib import ExitStack
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..scoring import received_attention, tower_layers
+from ..scoring import capture_input, received_attention, tower_layers
+from .base import HostAdapter, register_host, session_of
 from .selection import (
-    SelectionContext,
-    active_context,
+    DEFAULT_PATCH,
     check_single_crop,
     check_view_tokens,
     compact_view,
+    geometry_per_sample,
     grid_side,
-    scene_context,
+    run_selector,
+    selection_record,
 )
 
 #: LLaVA's placeholder id for an image in ``input_ids`` (llava.constants.IMAGE_TOKEN_INDEX).
@@ -62,104 +67,56 @@ def projector(model: nn.Module) -> nn.Module:
     return proj
 
 
-# ------------------------------------------------------------------------------------ session
-@dataclass
-class HostSession:
-    """State of one attached model: hook captures, the attached in-LLM runner, the last masks."""
+# ------------------------------------------------------------------------------------ the host
+@register_host
+class LlavaNextHost(HostAdapter):
+    name = "llava_next"
+    always = frozenset({"decoder", "vision_features", "token_subset"})
+    optional = {"geometry": "views"}
+    options = {"views": None, "patch": DEFAULT_PATCH, "on_invalid_pose": "raise", "compat_released": False,
+               "query_index": None, "sample_keys": None}
+    decoder_patched = True
 
-    model: nn.Module
-    attention_inputs: List[torch.Tensor] = field(default_factory=list)  # (n, P, C_vis) per tower call
-    projector_inputs: List[torch.Tensor] = field(default_factory=list)  # (n, P, C_vis) per projector call
-    runner: Any = None  # shared.engine.DecoderRunner while an in-LLM method is attached
-    query_index: Optional[torch.Tensor] = None
-    visual_mask: Optional[torch.Tensor] = None  # (B, L) bool of the last spliced sequence
-    attention_mask: Optional[torch.Tensor] = None  # (B, L) bool of the last spliced sequence
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaQwenForCausalLM"
+
+    def check_options(self) -> None:
+        if self.opts["on_invalid_pose"] not in ("raise", "exclude"):
+            raise ValueError(f"on_invalid_pose: expected 'raise' or 'exclude', got {self.opts['on_invalid_pose']!r}")
+        self.attention_inputs: List[torch.Tensor] = []
+        self.projector_inputs: List[torch.Tensor] = []
+        self.pending_pre: Optional[List[Dict[str, Any]]] = None
+        self.pending_source: Optional[List[int]] = None
+
+    def decoder(self) -> nn.Module:
+        return self.model.get_model()
+
+    def attach_points(self) -> List[nn.Module]:
+        return [self.model, self.model.get_model()]
+
+    def install(self, session: Any, stack: ExitStack) -> None:
+        if session.pre is not None:
+            attn = last_vision_attention(self.model)
+
+            def on_attention(_m, args, kwargs):
+                self.attention_inputs.append(kwargs.get("hidden_states", args[0] if args else None).detach())
+
+            def on_projector(_m, args, kwargs):
+                self.projector_inputs.append((args[0] if args else next(iter(kwargs.values()))).detach())
+
+            stack.callback(attn.register_forward_pre_hook(on_attention, with_kwargs=True).remove)
+            stack.callback(projector(self.model).register_forward_pre_hook(on_projector, with_kwargs=True).remove)
+
+        def after_decoder(_m, _args, _kwargs, _out):
+            session.finish()
+
+        stack.callback(self.decoder().register_forward_hook(after_decoder, with_kwargs=True).remove)
+        stack.callback(self.clear_captures)
 
     def clear_captures(self) -> None:
         self.attention_inputs.clear()
         self.projector_inputs.clear()
-
-    @property
-    def visual_tokens(self) -> Optional[List[int]]:
-        """Visual tokens per sample of the last spliced sequence (after selection)."""
-        return None if self.visual_mask is None else [int(v) for v in self.visual_mask.sum(1).tolist()]
-
-    @property
-    def sequence_lengths(self) -> Optional[List[int]]:
-        """Valid tokens per sample of the last spliced sequence (text + visual)."""
-        return None if self.attention_mask is None else [int(v) for v in self.attention_mask.sum(1).tolist()]
-
-
-_SESSIONS: Dict[int, HostSession] = {}
-
-
-def _session_of(model: nn.Module) -> Optional[HostSession]:
-    inner = model.get_model() if hasattr(model, "get_model") else model
-    return _SESSIONS.get(id(inner))
-
-
-@contextmanager
-def attach(model: nn.Module, llm_method: Any = None, query_index: Optional[torch.Tensor] = None) -> Iterator[HostSession]:
-    """Attach the glue to a (patched) ``LlavaQwenForCausalLM`` for the block.
-
-    Installs two forward pre-hooks that record, only while a ``scene_context`` is active, the input
-    of the last SigLIP attention (for the saliency) and of ``mm_projector`` (the pre-projector
-    features). llm_method: optional in-decoder method (``shared.FastV``, ``PyramidDrop``, ...) run
-    by the engine through P3, with the visual mask from P2; query_index: its (B,) scoring query
-    (default: each sample's last token). All hooks and registrations are removed on exit.
-    """
-    inner = model.get_model()
-    key = id(inner)
-    if key in _SESSIONS:
-        raise RuntimeError("model: the LLaVA-NeXT glue is already attached to this model")
-    session = HostSession(model=model, query_index=query_index)
-    attn = last_vision_attention(model)
-    proj = projector(model)
-
-    def on_attention(_m, args, kwargs):
-        if active_context() is not None:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            session.attention_inputs.append(h.detach())
-
-    def on_projector(_m, args, kwargs):
-        if active_context() is not None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            session.projector_inputs.append(x.detach())
-
-    handles = [
-        attn.register_forward_pre_hook(on_attention, with_kwargs=True),
-        proj.register_forward_pre_hook(on_projector, with_kwargs=True),
-    ]
-    with ExitStack() as stack:
-        if llm_method is not None:
-            from ..engine import DecoderRunner
-
-            session.runner = DecoderRunner(inner, llm_method)
-        _SESSIONS[key] = session
-        stack.callback(_SESSIONS.pop, key, None)
-        for h in handles:
-            stack.callback(h.remove)
-        yield session
-
-
-@contextmanager
-def pruning(
-    model: nn.Module,
-    pruner: Any = None,
-    views: Any = None,
-    *,
-    llm_method: Any = None,
-    query_index: Optional[torch.Tensor] = None,
-    grid: Optional[int] = None,
-    patch: int = 14,
-) -> Iterator[HostSession]:
-    """``attach`` plus, when ``pruner`` is given, a ``scene_context`` for one call (see both)."""
-    with attach(model, llm_method=llm_method, query_index=query_index) as session:
-        if pruner is None:
-            yield session
-        else:
-            with scene_context(pruner, views, grid=grid, patch=patch):
-                yield session
 
 
 # --------------------------------------------------------------------------------------- P1
@@ -191,24 +148,17 @@ def select_image_tokens(
     input_ids: Optional[torch.Tensor] = None,
     image_token_index: int = IMAGE_TOKEN_INDEX,
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
-    """[P1] Prune the merged image features when a ``scene_context`` is active; else return them as is.
+    """[P1] Prune the merged image features with the session's pre-LLM selector; else return them as is.
 
     image_features: the list of merged per-image features (list branch: single crop = (P + 1, D)
     with ``spatial*unpad`` merge, (P, D) with ``flat``/``spatial``), or the (N, P, D) tensor of the
     4-D ``images`` branch (one image per sample, no newline). split_sizes: crops per image.
     Returns a list of (T_i + newline, D) tensors, one per image, in the input order.
     """
-    ctx: Optional[SelectionContext] = active_context()
-    session = _session_of(model)
-    if ctx is None:
-        if session is not None:
-            session.clear_captures()
+    session = session_of(model)
+    if session is None or session.pre is None:
         return image_features
-    if session is None:
-        raise RuntimeError(
-            "model: a scene_context is active but the LLaVA-NeXT glue is not attached; wrap the call in "
-            "`with shared.hosts.llava_next.attach(model):` so the SigLIP saliency and pre-projector features are captured"
-        )
+    host = session.host
     from_list = not isinstance(image_features, torch.Tensor)
     feats = list(image_features) if from_list else list(image_features.unbind(0))
     n_img = len(feats)
@@ -216,8 +166,8 @@ def select_image_tokens(
     check_single_crop(crops, list(video_idx))
     newline = _newline_after_merge(model, from_list)
 
-    attn_in, proj_in = list(session.attention_inputs), list(session.projector_inputs)
-    session.clear_captures()
+    attn_in, proj_in = list(host.attention_inputs), list(host.projector_inputs)
+    host.clear_captures()
     if not attn_in or not proj_in:
         raise RuntimeError("model: no SigLIP/projector input was captured for this forward (were the hooks removed?)")
     hidden = torch.cat(attn_in, dim=0)
@@ -229,15 +179,22 @@ def select_image_tokens(
     grid = grid_side(pre.shape[1])
     check_view_tokens(feats, grid, newline)
     attn = last_vision_attention(model)
-
+    per_sample = _images_per_sample(input_ids, n_img, image_token_index)
+    geometry = geometry_per_sample(host.opts["views"], len(per_sample), grid, host.opts["patch"],
+                                   on_invalid_pose=host.opts["on_invalid_pose"],
+                                   compat_released=host.opts["compat_released"])
     out: List[torch.Tensor] = []
+    records, source = [], []
     start = 0
-    for b, n in enumerate(_images_per_sample(input_ids, n_img, image_token_index)):
+    for b, n in enumerate(per_sample):
         sl = slice(start, start + n)
         saliency = received_attention(attn, hidden[sl])
-        keep = ctx.select(saliency, pre[sl], sample=b, newline=newline)
+        keep = run_selector(session.pre, saliency, pre[sl], geometry[b], grid)
+        records.append(selection_record(keep, saliency, newline))
+        source.append(n * (grid * grid + int(newline)))
         out.extend(compact_view(f, k, newline) for f, k in zip(feats[sl], keep))
         start += n
+    host.pending_pre, host.pending_source = records, source
     return out
 
 
@@ -276,35 +233,37 @@ def padded_visual_mask(masks: Sequence[torch.Tensor], attention_mask: torch.Tens
 
 
 def publish_visual_mask(model: nn.Module, masks: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
-    """[P2] Record the (B, L) visual mask of the spliced batch; prepare the attached in-LLM runner."""
-    session = _session_of(model)
+    """[P2] Hand the (B, L) visual mask of the spliced batch to the session (no-op without one)."""
+    session = session_of(model)
     if session is None:
         return
+    host = session.host
     mask = padded_visual_mask(masks, attention_mask)
-    session.visual_mask = mask
-    session.attention_mask = attention_mask.bool().clone()
-    if session.runner is not None:
-        session.runner.prepare(visual_mask=mask, query_index=session.query_index)
+    pre, source = host.pending_pre, host.pending_source
+    host.pending_pre = host.pending_source = None
+    session.prefill(
+        visual_mask=mask, attention_mask=attention_mask.bool().clone(), query_index=host.opts["query_index"],
+        sample_keys=host.opts["sample_keys"], pre_llm=pre,
+        source_visual=None if source is None else torch.tensor(source, dtype=torch.long),
+    )
 
 
 # --------------------------------------------------------------------------------------- P3
 def qwen2_forward(decoder: nn.Module, stock_forward: Callable, *args: Any, **kwargs: Any):
-    """[P3] ``LlavaQwenModel.forward``: the engine's runner while an in-LLM method is attached,
-    else ``stock_forward`` (``super().forward``) with the arguments unchanged."""
-    session = _SESSIONS.get(id(decoder))
-    if session is None or session.runner is None:
+    """[P3] ``LlavaQwenModel.forward``: the session's engine while an in-LLM method is active, else
+    ``stock_forward`` (``super().forward``) with the arguments unchanged."""
+    session = session_of(decoder)
+    if session is None:
         return stock_forward(*args, **kwargs)
-    return session.runner.forward(*args, **kwargs)
+    return session.decoder_forward(stock_forward, *args, **kwargs)
 
 
 __all__ = [
-    "HostSession",
     "IMAGE_TOKEN_INDEX",
-    "attach",
+    "LlavaNextHost",
     "last_vision_attention",
     "padded_visual_mask",
     "projector",
-    "pruning",
     "publish_visual_mask",
     "qwen2_forward",
     "segment_mask",

@@ -2,11 +2,9 @@
 
 Two concepts live here:
 
-- **The selection context.** ``scene_context(pruner, views=...)`` makes one selector (a SeGPruner
-  config, or anything with the same ``select`` method) and the geometry of the current call's views
-  active for the duration of a ``with`` block. Host glue finds it with ``active_context()``; nothing
-  travels through HF ``generate`` kwargs (which rejects unknown keys). Each selection the hosts run
-  is recorded (``ctx.records``) for accounting.
+- **Running a selector on one sample's views** (``run_selector``): the saliency and pre-projector
+  features the host captured, and the views' geometry the user passed as the ``views=`` option of
+  ``shared.prune`` (``geometry_per_sample``).
 - **The token layout of a single-crop view.** LLaVA-OneVision turns one square crop into
   ``grid²`` row-major SigLIP tokens (27² = 729 at 384 px / 14 px) followed by one
   ``image_newline``: 730 tokens. Pruning keeps a subset of the grid, in row-major order, and always
@@ -21,11 +19,9 @@ Selector protocol (``shared.methods.segpruner.SeGPruner``)::
 """
 from __future__ import annotations
 
-import contextvars
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -169,167 +165,84 @@ def _as_geometry(views: Any, grid: int, patch: int, **options: Any) -> Optional[
     return geometry_from_views(views, grid=grid, patch=patch, **options)
 
 
-# -------------------------------------------------------------------------------------- context
-@dataclass
-class SelectionRecord:
-    """One selection run by a host: keep (V, P) bool (CPU), the saliency (V, P) that ranked it, and
-    whether each view also sends its newline to the LLM."""
-
-    keep: torch.Tensor
-    saliency: torch.Tensor
-    newline: bool = True
-    sample: int = 0
-
-    @property
-    def grid_tokens(self) -> int:
-        """Kept grid tokens over all views (newlines excluded)."""
-        return int(self.keep.sum())
-
-    @property
-    def llm_tokens(self) -> int:
-        """Visual tokens this sample sends to the LLM (kept grid tokens + one newline per view)."""
-        return self.grid_tokens + int(self.newline) * int(self.keep.shape[0])
-
-    @property
-    def per_view(self) -> List[int]:
-        """Kept grid tokens per view."""
-        return [int(k) for k in self.keep.sum(dim=1).tolist()]
-
-
-class SelectionContext:
-    """The selector and per-sample geometry of one call (see ``scene_context``)."""
-
-    def __init__(self, pruner: Any, geometry: Sequence[Optional[SceneGeometry]], grid: Optional[int]) -> None:
-        if pruner is None or not callable(getattr(pruner, "select", None)):
-            raise TypeError(
-                f"pruner: expected a selector with select(saliency, features, centroids, geo_valid) "
-                f"(e.g. shared.methods.SeGPruner), got {type(pruner).__name__}"
-            )
-        self.pruner = pruner
-        self.geometry: List[Optional[SceneGeometry]] = list(geometry)
-        self.grid = grid
-        self.records: List[SelectionRecord] = []
-
-    def geometry_for(self, sample: int, num_views: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(centroids (V, P, 3), valid (V, P)) of ``sample``, or (None, None) when no geometry was given."""
-        if not self.geometry:
-            return None, None
-        if sample >= len(self.geometry):
-            raise ValueError(
-                f"views: geometry was given for {len(self.geometry)} sample(s), but the batch has a sample {sample}; "
-                "pass one views entry per sample"
-            )
-        g = self.geometry[sample]
-        if g is None:
-            return None, None
-        if g.num_views != num_views:
-            raise ValueError(
-                f"views: sample {sample} has {num_views} images in the prompt but its geometry has {g.num_views} views"
-            )
-        return g.centroids, g.valid
-
-    def select(self, saliency: torch.Tensor, features: torch.Tensor, sample: int = 0, newline: bool = True) -> torch.Tensor:
-        """Run the selector on one sample's views and record the result.
-
-        saliency: (V, P) float; features: (V, P, C) pre-projector. Returns keep (V, P) bool on
-        ``features.device``.
-        """
-        if saliency.dim() != 2 or features.dim() != 3 or tuple(saliency.shape) != tuple(features.shape[:2]):
-            raise ValueError(
-                f"saliency/features: expected (V, P) and (V, P, C), got {tuple(saliency.shape)} and {tuple(features.shape)}"
-            )
-        v, p = saliency.shape
-        if self.grid is not None and p != self.grid * self.grid:
-            raise ValueError(f"features: expected {self.grid}x{self.grid} = {self.grid ** 2} tokens per view, got {p}")
-        centroids, valid = self.geometry_for(sample, v)
-        if centroids is not None:
-            if centroids.shape[1] != p:
-                raise ValueError(
-                    f"views: geometry has {centroids.shape[1]} patch centroids per view, the vision tower {p} tokens; "
-                    "prepare the views with the tower's grid and patch size"
-                )
-            centroids = centroids.to(features.device)
-            valid = valid.to(features.device) if valid is not None else None
-        elif getattr(self.pruner, "diverse_count", None) is not None:
-            if self.pruner.diverse_count > 0:
-                raise ValueError(
-                    f"views: {type(self.pruner).__name__} picks {self.pruner.diverse_count} tokens by 3D distance and "
-                    "needs each view's geometry; pass scene_context(pruner, views=PreparedViews or SceneGeometry)"
-                )
-            # saliency-only setting (important_ratio = 1): geometry is never read
-            centroids = torch.zeros(v, p, 3, dtype=torch.float32, device=features.device)
-            valid = torch.zeros(v, p, dtype=torch.bool, device=features.device)
-        keep = self.pruner.select(saliency, features, centroids, valid)
-        keep = torch.as_tensor(keep)
-        if keep.dtype != torch.bool or tuple(keep.shape) != (v, p):
-            raise ValueError(f"pruner: select() must return a ({v}, {p}) bool mask, got {keep.dtype} {tuple(keep.shape)}")
-        self.records.append(SelectionRecord(keep=keep.detach().cpu(), saliency=saliency.detach().float().cpu(),
-                                            newline=newline, sample=sample))
-        return keep.to(features.device)
-
-    @property
-    def last(self) -> Optional[SelectionRecord]:
-        return self.records[-1] if self.records else None
-
-    def reset(self) -> None:
-        self.records.clear()
-
-
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("shared_selection_context", default=None)
-
-
-def active_context() -> Optional[SelectionContext]:
-    """The innermost ``scene_context`` of the current thread/task, or None."""
-    return _ACTIVE.get()
-
-
-@contextmanager
-def scene_context(
-    pruner: Any,
-    views: Any = None,
-    *,
-    grid: Optional[int] = None,
-    patch: int = DEFAULT_PATCH,
-    on_invalid_pose: str = "raise",
-    compat_released: bool = False,
-) -> Iterator[SelectionContext]:
-    """Make ``pruner`` and the geometry of the current call's views active for the block.
-
-    views: geometry per sample, each a ``PreparedViews`` (back-projected here), a ``SceneGeometry``
-    (precomputed centroids) or None (no geometry: fine for selectors that do not use it); a single
-    entry (not a list) means one sample. grid: tokens per view side (27 for LLaVA-OneVision; None:
-    taken from the features). patch: pixels per token side (14). on_invalid_pose / compat_released:
-    passed to ``geometry_from_views`` for ``PreparedViews`` entries ("exclude" leaves a view with a
-    non-finite pose without geometry instead of raising).
-    """
+# ------------------------------------------------------------------------------------ selection
+def geometry_per_sample(views: Any, samples: int, grid: int, patch: int = DEFAULT_PATCH,
+                        **options: Any) -> List[Optional[SceneGeometry]]:
+    """The ``views=`` host option as one ``SceneGeometry`` (or None) per sample: a list with an entry per
+    sample (``PreparedViews``, ``SceneGeometry`` or None), or a single entry for a batch of one."""
     if isinstance(views, (list, tuple)):
         entries = list(views)
     else:
         entries = [] if views is None else [views]
-    g = grid if grid is not None else DEFAULT_GRID
-    geometry = [
-        _as_geometry(v, g, patch, on_invalid_pose=on_invalid_pose, compat_released=compat_released) for v in entries
-    ]
-    ctx = SelectionContext(pruner, geometry, grid)
-    token = _ACTIVE.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _ACTIVE.reset(token)
+    if entries and len(entries) != samples:
+        raise ValueError(
+            f"views: geometry was given for {len(entries)} sample(s), but the batch has {samples}; pass one "
+            f"views entry per sample"
+        )
+    if not entries:
+        return [None] * samples
+    return [_as_geometry(v, grid, patch, **options) for v in entries]
+
+
+def run_selector(selector: Any, saliency: torch.Tensor, features: torch.Tensor,
+                 geometry: Optional[SceneGeometry], grid: Optional[int] = None) -> torch.Tensor:
+    """Run a pre-LLM selector (``SeGPruner.select``) on one sample's views.
+
+    saliency: (V, P) float; features: (V, P, C) pre-projector; geometry: the sample's views (or None
+    for selectors that do not read it). Returns keep (V, P) bool on ``features.device``.
+    """
+    if saliency.dim() != 2 or features.dim() != 3 or tuple(saliency.shape) != tuple(features.shape[:2]):
+        raise ValueError(
+            f"saliency/features: expected (V, P) and (V, P, C), got {tuple(saliency.shape)} and {tuple(features.shape)}"
+        )
+    v, p = saliency.shape
+    if grid is not None and p != grid * grid:
+        raise ValueError(f"features: expected {grid}x{grid} = {grid ** 2} tokens per view, got {p}")
+    if geometry is not None:
+        if geometry.num_views != v:
+            raise ValueError(f"views: the sample has {v} images in the prompt but its geometry has {geometry.num_views} views")
+        if geometry.centroids.shape[1] != p:
+            raise ValueError(
+                f"views: geometry has {geometry.centroids.shape[1]} patch centroids per view, the vision tower {p} "
+                "tokens; prepare the views with the tower's grid and patch size"
+            )
+        centroids = geometry.centroids.to(features.device)
+        valid = geometry.valid.to(features.device) if geometry.valid is not None else None
+    else:
+        if getattr(selector, "diverse_count", 0) > 0:
+            raise ValueError(
+                f"views: {type(selector).__name__} picks {selector.diverse_count} tokens by 3D distance and needs "
+                "each view's geometry; pass views= (PreparedViews or SceneGeometry per sample)"
+            )
+        # saliency-only setting (important_ratio = 1): geometry is never read
+        centroids = torch.zeros(v, p, 3, dtype=torch.float32, device=features.device)
+        valid = torch.zeros(v, p, dtype=torch.bool, device=features.device)
+    keep = torch.as_tensor(selector.select(saliency, features, centroids, valid))
+    if keep.dtype != torch.bool or tuple(keep.shape) != (v, p):
+        raise ValueError(f"pruner: select() must return a ({v}, {p}) bool mask, got {keep.dtype} {tuple(keep.shape)}")
+    return keep.to(features.device)
+
+
+def selection_record(keep: torch.Tensor, saliency: torch.Tensor, newline: bool = True) -> Dict[str, Any]:
+    """What a session records per sample for a view selection: keep (V, P), saliency (V, P), counts."""
+    keep = keep.detach().cpu()
+    return {
+        "keep": keep, "saliency": saliency.detach().float().cpu(), "per_view": [int(k) for k in keep.sum(1)],
+        "tokens": int(keep.sum()) + int(newline) * int(keep.shape[0]), "newline": newline,
+    }
 
 
 __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_PATCH",
     "SceneGeometry",
-    "SelectionContext",
-    "SelectionRecord",
-    "active_context",
     "check_single_crop",
     "check_view_tokens",
     "compact_view",
     "geometry_from_views",
+    "geometry_per_sample",
     "grid_side",
     "keep_rows",
-    "scene_context",
+    "run_selector",
+    "selection_record",
 ]

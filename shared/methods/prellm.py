@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, List, Optional
+from typing import ClassVar, FrozenSet, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -148,9 +148,19 @@ class PreLLMMethod:
     """
 
     name: ClassVar[str] = ""
+    stage: ClassVar[str] = "pre_llm"
     select_feature: ClassVar[str] = "patch"
     layer: int
     select_layer: int
+
+    def needs(self) -> FrozenSet[str]:
+        """Tower features and a [CLS]-scored layer; the host must take K merged tokens per image."""
+        return frozenset({"vision_features", "cls_token", "token_merge"})
+
+    def capture_during(self, tower: nn.Module):
+        """Context manager recording this method's inputs at every forward of ``tower`` in the block
+        (``tower_capture``): hosts use it on their own tower forward instead of running it again."""
+        return tower_capture(tower, self.layer, self.select_layer, self.select_feature)
 
     def capture(self, tower: nn.Module, pixel_values: torch.Tensor) -> VisionInputs:
         """Run ``tower`` once on ``pixel_values`` (B, 3, H, W) and collect this method's inputs."""
@@ -174,6 +184,55 @@ def resolve_layer(param: str, layer: int, num_layers: int) -> int:
     return layer % num_layers
 
 
+class TowerCapture:
+    """The inputs a pre-LLM reducer needs, recorded from the most recent forward of a tower."""
+
+    def __init__(self, attn: nn.Module, layer: int, num_layers: int, select_feature: str) -> None:
+        self.attn = attn
+        self.layer = layer
+        self.num_layers = num_layers
+        self.select_feature = select_feature
+        self.attn_box = CapturedInput()
+        self.feat_box = CapturedInput()
+
+    @property
+    def ready(self) -> bool:
+        return self.attn_box.hidden is not None and self.feat_box.hidden is not None
+
+    def inputs(self) -> VisionInputs:
+        feats = self.feat_box.get()
+        if self.select_feature == "patch":
+            feats = feats[:, 1:]
+        return VisionInputs(
+            attn_hidden=self.attn_box.get(), attn=self.attn, features=feats,
+            has_cls=self.select_feature == "cls_patch", layer=self.layer, num_layers=self.num_layers,
+        )
+
+
+@contextmanager
+def tower_capture(tower: nn.Module, layer: int, select_layer: int = -2, select_feature: str = "patch") -> Iterator[TowerCapture]:
+    """Record, at every forward of ``tower`` inside the block, the input of encoder layer ``layer``'s
+    ``self_attn`` and the hidden states ``hidden_states[select_layer]`` (see ``capture_vision_inputs``).
+    Works whoever calls the tower (the host's own forward), with any attention implementation, without
+    ``output_attentions``/``output_hidden_states``. Hooks are removed on exit."""
+    if select_feature not in SELECT_FEATURES:
+        raise ValueError(f"select_feature: expected one of {SELECT_FEATURES}, got {select_feature!r}")
+    layers = tower_layers(tower)
+    n = len(layers)
+    li = resolve_layer("layer", layer, n)
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int) or not -(n + 1) <= select_layer <= n:
+        raise ValueError(
+            f"select_layer: expected an index into the {n + 1} hidden states, in [{-(n + 1)}, {n}], got {select_layer!r}"
+        )
+    si = select_layer % (n + 1)
+    cap = TowerCapture(layers[li].self_attn, li, n, select_feature)
+    with ExitStack() as stack:
+        cap.attn_box = stack.enter_context(capture_input(cap.attn))
+        # hidden_states[s] is the input of layer s (s < L) or the output of the last layer (s = L)
+        cap.feat_box = stack.enter_context(capture_input(layers[si]) if si < n else _capture_output(layers[-1]))
+        yield cap
+
+
 def capture_vision_inputs(
     tower: nn.Module,
     pixel_values: torch.Tensor,
@@ -194,32 +253,12 @@ def capture_vision_inputs(
     of its own, which a parent model (LISA's LLM, called with ``output_hidden_states=True``)
     installs a second time on an already hooked tower, duplicating every entry.
     """
-    if select_feature not in SELECT_FEATURES:
-        raise ValueError(f"select_feature: expected one of {SELECT_FEATURES}, got {select_feature!r}")
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
         raise ValueError(f"pixel_values: expected a (B, 3, H, W) tensor, got {_shape(pixel_values)}")
-    layers = tower_layers(tower)
-    n = len(layers)
-    li = resolve_layer("layer", layer, n)
-    if isinstance(select_layer, bool) or not isinstance(select_layer, int) or not -(n + 1) <= select_layer <= n:
-        raise ValueError(
-            f"select_layer: expected an index into the {n + 1} hidden states, in [{-(n + 1)}, {n}], got {select_layer!r}"
-        )
-    si = select_layer % (n + 1)
     param = next(tower.parameters())
-    attn = layers[li].self_attn
-    with torch.no_grad(), ExitStack() as stack:
-        attn_box = stack.enter_context(capture_input(attn))
-        # hidden_states[s] is the input of layer s (s < L) or the output of the last layer (s = L)
-        feat_box = stack.enter_context(capture_input(layers[si]) if si < n else _capture_output(layers[-1]))
+    with torch.no_grad(), tower_capture(tower, layer, select_layer, select_feature) as cap:
         tower(pixel_values.to(device=param.device, dtype=param.dtype))
-    feats = feat_box.get()
-    if select_feature == "patch":
-        feats = feats[:, 1:]
-    return VisionInputs(
-        attn_hidden=attn_box.get(), attn=attn, features=feats, has_cls=select_feature == "cls_patch",
-        layer=li, num_layers=n,
-    )
+    return cap.inputs()
 
 
 @contextmanager
@@ -251,7 +290,9 @@ __all__ = [
     "PreLLMMethod",
     "ReducedTokens",
     "VisionInputs",
+    "TowerCapture",
     "capture_vision_inputs",
     "resolve_layer",
+    "tower_capture",
     "tower_layers",
 ]

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, FrozenSet, Optional
 
 import torch
 
@@ -81,6 +81,13 @@ class SeGPruner:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"normalizer: expected one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+
+    stage: ClassVar[str] = "pre_llm"
+
+    def needs(self) -> FrozenSet[str]:
+        """Tower features and last-layer attention; 3D geometry unless every token is picked by saliency."""
+        base = {"vision_features", "token_subset"}
+        return frozenset(base | ({"geometry"} if self.diverse_count > 0 else set()))
 
     @property
     def important_count(self) -> int:
