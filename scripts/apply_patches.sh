@@ -2,16 +2,30 @@
 # Apply this repo's patch series to a host submodule.
 #
 # Usage:
-#   scripts/apply_patches.sh [--check] <Host>|all
+#   scripts/apply_patches.sh [--check] [--mirror DIR] <Host>|all
 #
 #   <Host>   a submodule path at the repo top level (LLaVA-NeXT, LLaVA-3D, Chat-Scene, LISA, ...)
 #   all      the four hosts listed in ALL_HOSTS below
 #   --check  dry run: apply the series with `git am` on a temporary, detached worktree of the
 #            submodule at the pinned commit, then delete the worktree. The submodule's HEAD,
 #            index and work tree are left exactly as they were.
+#   --mirror DIR
+#            offline initialisation: a submodule that is not checked out yet is cloned from the
+#            local mirror DIR/<Host>.git (or DIR/<Host>), e.g. made on a machine with network by
+#            `git clone --mirror https://github.com/dvlab-research/LISA.git DIR/LISA.git`. The
+#            script records it as the submodule URL (`git config submodule.<name>.url`, in the
+#            superproject's .git/config) and runs
+#            `git -c protocol.file.allow=always submodule update --init -- <Host>`.
+#            The `-c` matters: since git 2.38.1 submodule clones refuse local/file:// URLs, and a
+#            repo-local `git config protocol.file.allow always` is NOT read by the clone git runs
+#            for the submodule; only `-c` (or the global/system setting) reaches it.
+#            Without --mirror the same two steps can be run by hand:
+#              git config submodule.<Host>.url /path/to/<Host>.git
+#              git -c protocol.file.allow=always submodule update --init -- <Host>
 #
 # For each host the script:
-#   1. runs `git submodule update --init <Host>` if the submodule is not checked out yet;
+#   1. runs `git submodule update --init <Host>` if the submodule is not checked out yet (from
+#      the --mirror clone when given);
 #   2. reads the pin (the gitlink the superproject records; the index is used, which equals
 #      HEAD unless a new pin has been staged) and requires the submodule HEAD to be exactly the
 #      pin: otherwise it refuses ("already patched") and lists the commits on top;
@@ -43,7 +57,7 @@ declare -A DOC_PINS=(
 )
 
 usage() {
-    echo "usage: $0 [--check] <Host>|all   (hosts: ${ALL_HOSTS[*]})" >&2
+    echo "usage: $0 [--check] [--mirror DIR] <Host>|all   (hosts: ${ALL_HOSTS[*]})" >&2
     exit 2
 }
 
@@ -52,9 +66,18 @@ err() { echo "[apply_patches] ERROR: $*" >&2; }
 
 CHECK=0
 TARGET=""
-for arg in "$@"; do
+MIRROR=""
+while [[ $# -gt 0 ]]; do
+    arg="$1"
+    shift
     case "$arg" in
         --check) CHECK=1 ;;
+        --mirror)
+            [[ $# -gt 0 && -n "$1" ]] || { err "--mirror: expected a directory, got nothing"; usage; }
+            MIRROR="$1"; shift ;;
+        --mirror=*)
+            MIRROR="${arg#--mirror=}"
+            [[ -n "$MIRROR" ]] || { err "--mirror: expected a directory, got nothing"; usage; } ;;
         -h|--help) usage ;;
         -*) err "unknown option: $arg"; usage ;;
         *)
@@ -63,6 +86,10 @@ for arg in "$@"; do
     esac
 done
 [[ -n "$TARGET" ]] || usage
+if [[ -n "$MIRROR" ]]; then
+    [[ -d "$MIRROR" ]] || { err "--mirror: expected an existing directory, got '$MIRROR'"; exit 2; }
+    MIRROR="$(cd "$MIRROR" && pwd -P)"
+fi
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(git -C "$SCRIPT_DIR" rev-parse --show-toplevel)"
@@ -90,6 +117,43 @@ read_pin() {
     echo "$sha"
 }
 
+# Print the submodule name (the key in .gitmodules) whose path is $1; the path itself if none.
+submodule_name() {
+    local host="$1" key path
+    if [[ -f "$ROOT/.gitmodules" ]]; then
+        while read -r key path; do
+            if [[ "$path" == "$host" ]]; then
+                key="${key#submodule.}"
+                echo "${key%.path}"
+                return 0
+            fi
+        done < <(git config -f "$ROOT/.gitmodules" --get-regexp '^submodule\..*\.path$' || true)
+    fi
+    echo "$host"
+}
+
+# Clone submodule $1 from the local mirror under $MIRROR (see --mirror above).
+init_from_mirror() {
+    local host="$1" name src="" cand old
+    for cand in "$MIRROR/$host.git" "$MIRROR/$host"; do
+        # a bare repository, or a work tree with its own .git (not a folder inside another repo)
+        if [[ -d "$cand" ]] && { [[ -e "$cand/.git" ]] ||
+                [[ "$(git -C "$cand" rev-parse --is-bare-repository 2>/dev/null)" == true ]]; }; then
+            src="$cand"
+            break
+        fi
+    done
+    if [[ -z "$src" ]]; then
+        err "$host: --mirror: expected a git repository at $MIRROR/$host.git or $MIRROR/$host, found none"
+        return 1
+    fi
+    name="$(submodule_name "$host")"
+    old="$(git -C "$ROOT" config "submodule.$name.url" || true)"
+    git -C "$ROOT" config "submodule.$name.url" "$src" || return 1
+    log "$host: submodule.$name.url = $src (was: ${old:-unset}); cloning from the mirror"
+    git -C "$ROOT" -c protocol.file.allow=always submodule update --init -- "$host"
+}
+
 # True when $1 is a checked-out git repository whose top level is $1 itself.
 is_checked_out() {
     local dir="$1" top
@@ -108,11 +172,25 @@ process_host() {
     fi
 
     if ! is_checked_out "$dir"; then
-        log "$host: initialising submodule"
-        if ! git -C "$ROOT" submodule update --init -- "$host"; then
-            err "$host: 'git submodule update --init' failed (offline? point submodule.$host.url at a local mirror with 'git config submodule.$host.url <url>'; file:// URLs also need 'git config protocol.file.allow always')"
-            return 1
+        if [[ -n "$MIRROR" ]]; then
+            if ! init_from_mirror "$host"; then
+                err "$host: initialising the submodule from the mirror failed (see git output above)"
+                return 1
+            fi
+        else
+            log "$host: initialising submodule"
+            if ! git -C "$ROOT" submodule update --init -- "$host"; then
+                local name
+                name="$(submodule_name "$host")"
+                err "$host: 'git submodule update --init' failed. Offline? Clone from a local mirror" \
+                    "(a bare 'git clone --mirror' of the upstream): rerun with --mirror <dir holding $host.git>, or by hand:" \
+                    "git config submodule.$name.url /path/to/$host.git && git -c protocol.file.allow=always submodule update --init -- $host" \
+                    "(the -c is needed: a repo-local protocol.file.allow does not reach the submodule clone)"
+                return 1
+            fi
         fi
+    elif [[ -n "$MIRROR" ]]; then
+        log "$host: already checked out; --mirror not used"
     fi
     is_checked_out "$dir" || { err "$host: submodule is not checked out at $dir"; return 1; }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,117 @@ def test_initialises_submodule_in_fresh_clone(sb: Sandbox):
     assert sb.out("rev-list", "--count", f"{sb.pin}..HEAD", cwd=clone / HOST) == "2"
 
 
+# ------------------------------------------------------------------------------------------------
+# offline initialisation from a local mirror (--mirror)
+
+UNREACHABLE = "https://127.0.0.1:9/FakeHost.git"  # the discard port: connection refused at once
+
+
+def _user_env(sb: Sandbox) -> dict:
+    """The sandbox env without the global protocol.file.allow=always the other tests use: a user's
+    default git (file:// and local paths refused for submodule clones since git 2.38.1), no proxy."""
+    env = dict(sb.env)
+    for k in ("GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0",
+              "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env.pop(k, None)
+    env["NO_PROXY"] = env["no_proxy"] = "*"
+    return env
+
+
+def _git_at_least(*version: int) -> bool:
+    out = subprocess.run(["git", "--version"], text=True, capture_output=True, check=True).stdout
+    nums = [int(x) for x in out.split()[2].split(".")[:3] if x.isdigit()]
+    return tuple(nums) >= version
+
+
+@pytest.fixture
+def offline(sb: Sandbox):
+    """A fresh clone of the superproject whose .gitmodules URL cannot be reached (no network), the
+    series committed, and a bare mirror of the upstream at <tmp>/mirrors/FakeHost.git."""
+    _make_series(sb, n=2)
+    sb.git("config", "-f", ".gitmodules", f"submodule.{HOST}.url", UNREACHABLE, cwd=sb.super)
+    sb.git("add", "-A", cwd=sb.super)
+    sb.git("commit", "-q", "-m", "series; upstream URL unreachable", cwd=sb.super)
+    clone = sb.tmp / "clone"
+    sb.git("clone", "-q", sb.super.as_uri(), str(clone), cwd=sb.tmp)
+    mirrors = sb.tmp / "mirrors"
+    mirrors.mkdir()
+    sb.git("clone", "-q", "--mirror", str(sb.upstream), str(mirrors / f"{HOST}.git"), cwd=sb.tmp)
+    assert not (clone / HOST / ".git").exists()
+    return clone, mirrors, _user_env(sb)
+
+
+def _run_in(clone: Path, env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(clone / "scripts" / "apply_patches.sh"), *args],
+                          cwd=clone.parent, env=env, text=True, capture_output=True)
+
+
+def test_offline_mirror_initialises_and_applies(sb: Sandbox, offline):
+    clone, mirrors, env = offline
+    r = _run_in(clone, env, "--mirror", str(mirrors), HOST)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mirror = str((mirrors / f"{HOST}.git").resolve())
+    sub = clone / HOST
+    assert sb.out("rev-list", "--count", f"{sb.pin}..HEAD", cwd=sub) == "2"
+    assert sb.git("merge-base", "--is-ancestor", sb.pin, "HEAD", cwd=sub).returncode == 0
+    assert sb.out("remote", "get-url", "origin", cwd=sub) == mirror
+    assert sb.out("config", f"submodule.{HOST}.url", cwd=clone) == mirror
+    assert f"submodule.{HOST}.url = {mirror}" in r.stdout
+    # nothing global was needed: the user's config is still empty
+    assert (sb.home / "gitconfig").read_text() == ""
+
+
+def test_offline_without_mirror_prints_advice_that_works(sb: Sandbox, offline):
+    clone, mirrors, env = offline
+    r = _run_in(clone, env, HOST)
+    assert r.returncode == 1
+    assert "--mirror" in r.stderr
+    hand = f"git -c protocol.file.allow=always submodule update --init -- {HOST}"
+    assert hand in r.stderr and f"git config submodule.{HOST}.url" in r.stderr
+    assert "git config protocol.file.allow always" not in r.stderr  # the old advice (does not work)
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=clone, env=env, text=True, capture_output=True)
+
+    mirror = str(mirrors / f"{HOST}.git")
+    assert git("config", f"submodule.{HOST}.url", mirror).returncode == 0
+    if _git_at_least(2, 38, 1):
+        # why the old advice failed: a repo-local setting does not reach the submodule clone
+        assert git("config", "protocol.file.allow", "always").returncode == 0
+        old = git("submodule", "update", "--init", "--", HOST)
+        assert old.returncode != 0 and "transport 'file' not allowed" in old.stderr
+        assert git("config", "--unset", "protocol.file.allow").returncode == 0
+        shutil.rmtree(clone / ".git" / "modules", ignore_errors=True)
+    new = git(*hand.split()[1:])
+    assert new.returncode == 0, new.stderr
+    r = _run_in(clone, env, HOST)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sb.out("rev-list", "--count", f"{sb.pin}..HEAD", cwd=clone / HOST) == "2"
+
+
+def test_mirror_errors_and_checked_out_submodule(sb: Sandbox, offline):
+    clone, mirrors, env = offline
+    empty = sb.tmp / "empty"
+    empty.mkdir()
+    r = _run_in(clone, env, "--mirror", str(empty), HOST)
+    assert r.returncode == 1
+    assert f"{empty.resolve()}/{HOST}.git or {empty.resolve()}/{HOST}" in r.stderr
+    assert not (clone / HOST / ".git").exists()
+    # a folder inside another work tree is not taken for a repository
+    (empty / HOST).mkdir()
+    sb.git("init", "-q", str(empty), cwd=sb.tmp)
+    assert _run_in(clone, env, "--mirror", str(empty), HOST).returncode == 1
+    r = _run_in(clone, env, "--mirror", str(sb.tmp / "missing"), HOST)
+    assert r.returncode == 2 and "--mirror: expected an existing directory" in r.stderr
+    r = _run_in(clone, env, HOST, "--mirror")
+    assert r.returncode == 2 and "usage" in r.stderr
+    # already checked out: the mirror is not needed and the URL is left alone
+    r = sb.run_script("--mirror", str(mirrors), HOST)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--mirror not used" in r.stdout
+    assert sb.out("config", f"submodule.{HOST}.url", cwd=sb.super) == sb.upstream.as_uri()
+
+
 def test_unknown_host_and_usage(sb: Sandbox):
     r = sb.run_script("NoSuchHost")
     assert r.returncode == 1
@@ -285,7 +397,7 @@ def test_unknown_host_and_usage(sb: Sandbox):
 
 
 def test_bash_syntax():
-    for script in (SCRIPT, REPO_ROOT / "eval" / "setup_env.sh"):
+    for script in (SCRIPT, REPO_ROOT / "eval" / "setup_env.sh", REPO_ROOT / "eval" / "LISA" / "eval.sh"):
         if script.exists():
             subprocess.run(["bash", "-n", str(script)], check=True)
 
@@ -302,3 +414,52 @@ def test_setup_env_print_mode(host):
     assert f"scripts/apply_patches.sh {host}" in r.stdout
     assert f"-r {REPO_ROOT}/eval/{host}/requirements.txt" in r.stdout
     assert "download.pytorch.org/whl/cu1" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# eval/LISA/eval.sh --help: no GPU, no LISA checkout
+
+
+@pytest.fixture
+def lisa_eval_copy(tmp_path: Path):
+    """eval/LISA/{eval.sh,eval_seg.py} in a throw-away repo root with `shared` linked and no LISA/,
+    and a PATH whose `nvidia-smi` lists no GPU (so the result does not depend on this machine)."""
+    pytest.importorskip("torch")  # eval_seg.py imports torch at module level
+    root = tmp_path / "repo"
+    (root / "eval" / "LISA").mkdir(parents=True)
+    for name in ("eval.sh", "eval_seg.py"):
+        shutil.copy2(REPO_ROOT / "eval" / "LISA" / name, root / "eval" / "LISA" / name)
+    (root / "shared").symlink_to(REPO_ROOT / "shared", target_is_directory=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # `nvidia-smi -L` prints no GPU
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("NGPUS", None)
+    assert not (root / "LISA").exists()
+    return root, env
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_lisa_eval_help_needs_no_gpu(lisa_eval_copy, flag):
+    root, env = lisa_eval_copy
+    r = subprocess.run(["bash", str(root / "eval" / "LISA" / "eval.sh"), "--out", "x", flag],
+                       cwd=root, env=env, text=True, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no GPU found" not in r.stderr
+    # eval.sh's own usage (its header) ...
+    assert "Usage:\n  eval/LISA/eval.sh --version <LISA ckpt> --dataset-dir <dataset> --out <run dir>" in r.stdout
+    assert "NGPUS" in r.stdout and not any(line.startswith("#") for line in r.stdout.splitlines())
+    # ... then the driver's argparse help
+    assert "usage: eval_seg.py" in r.stdout
+    for opt in ("--version VERSION", "--dataset-dir DATASET_DIR", "--csp-preset CSP_PRESET", "--out OUT"):
+        assert opt in r.stdout
+
+
+def test_lisa_eval_without_gpu_still_refuses_a_run(lisa_eval_copy):
+    root, env = lisa_eval_copy
+    r = subprocess.run(["bash", str(root / "eval" / "LISA" / "eval.sh"), "--out", "x"],
+                       cwd=root, env=env, text=True, capture_output=True, timeout=60)
+    assert r.returncode == 1
+    assert "eval.sh: no GPU found" in r.stderr and "usage: eval_seg.py" not in r.stdout

@@ -55,6 +55,37 @@ def _rouge(p, r):
 
 ROUGE_L = 100 * (1.0 + _rouge(1, 0.5) + _rouge(0.6, 1.0)) / 3
 
+#  CIDEr-D (pycocoevalcap's Cider: n = 1..4, per n the cosine of tf-idf vectors with the candidate's
+#  weights clipped at the reference's, Σ min(c, r)·r / (|c||r|), times exp(-δ²/(2σ²)), σ = 6, δ the
+#  length difference; mean over n, mean over references, ×10; idf = log N − log max(1, df)).
+#  Here N = 3 and every n-gram of the references occurs in one question only (df = 1), while the
+#  candidates' other n-grams have df = 0 → max(1, 0) = 1: every weight is log 3, so the cosines are
+#  those of plain n-gram counts. g = exp(-1/72) is the penalty for |δ| = 1.
+#  q1 "chair": vs "chair" 1-gram cos 1, δ 0; vs "brown chair" cos 1/√2, δ -1 (n = 2..4: empty, 0).
+#  q2 "two": vs "2" 0; vs "two chairs" cos 1/√2, δ -1.
+#  q3 "the table 's left side": vs "on the left side of the table" (the ×2): 1-grams clipped dot
+#  min(1,2)·2 + 1 + 1 + 1 = 5, norms √5 and 3 → √5/3; bigrams "the table", "left side" shared of
+#  4 and 6 → 2/(2√6); no shared 3-/4-gram; δ = 5 - 7 = -2. vs "left": 1/√5, δ = 4.
+_G = math.exp(-1 / 72)
+_CIDER_Q = (
+    10 / 4 * (1 + _G / math.sqrt(2)) / 2,
+    10 / 4 * (_G / math.sqrt(2)) / 2,
+    10 / 4 * (math.exp(-4 / 72) * (math.sqrt(5) / 3 + 1 / math.sqrt(6)) + math.exp(-16 / 72) / math.sqrt(5)) / 2,
+)
+CIDER_D = 100 * sum(_CIDER_Q) / 3
+
+#  METEOR golden numbers: the official meteor-1.5.jar shipped with pycocoevalcap 1.2, run directly in
+#  file mode on the tokenised fixture (test.txt: one TOK_RES caption per line; ref.txt: the two
+#  TOK_GTS references of each question, consecutive):
+#    java -Xmx2G -jar pycocoevalcap/meteor/meteor-1.5.jar test.txt ref.txt -l en -norm -r 2
+#  (OpenJDK 17.0.15): "Segment 1..3 score" and "Final score" below; pycocoevalcap's -stdio wrapper
+#  returns the same numbers. Two of them by hand (α 0.85, β 0.2, γ 0.6, δ 0.75; "two" is in the jar's
+#  function/english.words, "chairs" is not, function words weigh 1 - δ, content words δ):
+#  q1 equals a reference: 1. q2 vs "two chairs": P = 1, R = 0.25/(0.75 + 0.25), Fmean =
+#  P·R/(α·P + (1-α)·R) = 20/71, one chunk of one match: penalty γ·1^β = 0.6 → 8/71.
+METEOR_SEGMENTS = (1.0, 0.11267605633802819, 0.3717273634414985)
+METEOR_CORPUS = 0.3447100653769359
+
 
 def _independent_bleu(res, gts, n_max=4):
     """Corpus BLEU with the closest reference length, pycocoevalcap's smoothing constants."""
@@ -91,16 +122,24 @@ def _check_common(scores, suffix):
     for k in range(4):
         assert scores[f"BLEU-{k + 1}{suffix}"] == pytest.approx(ind[k], rel=1e-9)
     assert scores["ROUGE-L" + suffix] == pytest.approx(ROUGE_L, rel=1e-12)
-    from pycocoevalcap.cider.cider import Cider
-
-    cider, _ = Cider().compute_score(TOK_GTS, TOK_RES)
-    assert scores["CIDEr" + suffix] == pytest.approx(100 * cider, rel=1e-12)
+    assert scores["CIDEr" + suffix] == pytest.approx(CIDER_D, rel=1e-12)
     assert scores["n"] == 3
+
+
+#  A METEOR property: a candidate equal to its reference scores 1, one sharing no word (nor stem,
+#  synonym or paraphrase) scores 0, a partial one in between: "wooden chair" vs "brown wooden chair"
+#  (content words only): P = 1, R = 2/3, Fmean = R/(α + (1-α)·R), one chunk of 2 matches → penalty
+#  γ·(1/2)^β.
+METEOR_PROPERTY_GTS = {"same": ["brown wooden chair"], "partial": ["brown wooden chair"],
+                       "disjoint": ["brown wooden chair"]}
+METEOR_PROPERTY_RES = {"same": ["brown wooden chair"], "partial": ["wooden chair"], "disjoint": ["green metal lamp"]}
+METEOR_PARTIAL = (2 / 3) / (0.85 + 0.15 * 2 / 3) * (1 - 0.6 * 0.5 ** 0.2)
 
 
 @pytest.fixture(scope="module")
 def official():
-    """One official run (one METEOR JVM: ~10 s); the METEOR scorer's inputs and output are recorded."""
+    """One official run (one METEOR JVM: ~10 s); the METEOR scorer's inputs and output are recorded.
+    The same JVM then scores the METEOR property set (recorded in ``calls`` as a second entry)."""
     from pycocoevalcap.meteor import meteor as meteor_module
 
     calls = []
@@ -109,6 +148,8 @@ def official():
         def compute_score(self, gts, res):
             out = super().compute_score(gts, res)
             calls.append((gts, res, out))
+            calls.append((METEOR_PROPERTY_GTS, METEOR_PROPERTY_RES,
+                          super().compute_score(METEOR_PROPERTY_GTS, METEOR_PROPERTY_RES)))
             return out
 
     with pytest.MonkeyPatch.context() as mp:
@@ -130,12 +171,58 @@ def test_official_path_matches_hand_computation(official):
 @needs_java
 def test_official_meteor_scores_the_hand_tokenised_fixture(official):
     scores, calls = official
-    assert len(calls) == 1
+    assert len(calls) == 2
     gts, res, (meteor, per_question) = calls[0]
     assert gts == TOK_GTS and res == TOK_RES  # PTBTokenizer output reaches METEOR unchanged
-    assert list(per_question)[0] == 1.0  # q1: "chair" is one of its references
-    assert 0.0 < meteor < 1.0
-    assert scores["METEOR"] == 100 * meteor
+    assert list(per_question) == pytest.approx(METEOR_SEGMENTS, rel=1e-12)
+    assert per_question[1] == pytest.approx(8 / 71, rel=1e-12)
+    assert meteor == pytest.approx(METEOR_CORPUS, rel=1e-12)
+    assert scores["METEOR"] == pytest.approx(100 * METEOR_CORPUS, rel=1e-12)
+
+
+@needs_pycoco
+@needs_java
+def test_official_meteor_identical_beats_partial_beats_disjoint(official):
+    _, calls = official
+    gts, res, (_, per_question) = calls[1]
+    same, partial, disjoint = per_question
+    assert same == 1.0 and disjoint == 0.0
+    assert partial == pytest.approx(METEOR_PARTIAL, rel=1e-12)
+    assert same > partial > disjoint
+
+
+# A tiny corpus where idf, clipping, the length penalty and the mean over references all matter.
+# N = 2 questions. df: "chair" 2 (both questions' references) → idf log 2 − log 2 = 0; every other
+# n-gram L = log 2 (df 1, or df 0 → max(1, 0) = 1), so L cancels in each cosine.
+#  q1 "red red chair" vs "red chair":
+#    1-grams  c = {red: 2L, chair: 0}, r = {red: L, chair: 0}; clipped dot min(2L, L)·L = L²,
+#             |c| = 2L, |r| = L → 1/2 (unclipped it would be 2L²/(2L²) = 1);
+#    2-grams  c = {red red: L, red chair: L}, r = {red chair: L} → L²/(√2 L · L) = 1/√2;
+#    3-grams  c = {red red chair: L}, r = {} → 0; 4-grams none → 0;
+#    δ = 1 → exp(-1/72). q1 = 10 · exp(-1/72) · (1/2 + 1/√2) / 4.
+#  q2 "wooden table" vs "chair" (1-gram r = {chair: 0}: zero vector → 0, nothing else) and vs
+#    "wooden chair": 1-grams c = {wooden: L, table: L}, r = {wooden: L, chair: 0} → L²/(√2 L · L) =
+#    1/√2; 2-grams "wooden table" vs "wooden chair" → 0; δ = 0. q2 = 10 · (0 + 1/√2 / 4) / 2.
+TINY_PREDS = {"q1": "red red chair", "q2": "wooden table"}
+TINY_REFS = {"q1": ["red chair"], "q2": ["chair", "wooden chair"]}
+_TINY_Q1 = 10 * math.exp(-1 / 72) * (1 / 2 + 1 / math.sqrt(2)) / 4
+_TINY_Q2 = 10 * (1 / math.sqrt(2) / 4) / 2
+TINY_CIDER_D = 100 * (_TINY_Q1 + _TINY_Q2) / 2
+#  The same without clipping and length penalty ("plain" CIDEr with idf): q1 = 10 · (1 + 1/√2) / 4.
+TINY_NO_CLIP_NO_PENALTY = 100 * (10 * (1 + 1 / math.sqrt(2)) / 4 + _TINY_Q2) / 2
+
+
+@needs_pycoco
+def test_cider_is_cider_d_by_hand():
+    scores = scanqa_scores(TINY_PREDS, TINY_REFS, use_java=False)
+    assert scores["CIDEr" + NON_OFFICIAL] == pytest.approx(TINY_CIDER_D, rel=1e-12)
+    assert abs(TINY_NO_CLIP_NO_PENALTY - TINY_CIDER_D) > 10  # the clipping and penalty are visible
+    from pycocoevalcap.cider.cider import Cider  # the official library agrees with the hand value
+
+    tok = {k: [v] for k, v in TINY_PREDS.items()}
+    cider, per_question = Cider().compute_score(TINY_REFS, tok)
+    assert list(per_question) == pytest.approx([_TINY_Q1, _TINY_Q2], rel=1e-12)
+    assert 100 * cider == pytest.approx(TINY_CIDER_D, rel=1e-12)
 
 
 @needs_pycoco

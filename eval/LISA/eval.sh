@@ -3,6 +3,7 @@
 #
 # Usage:
 #   eval/LISA/eval.sh --version <LISA ckpt> --dataset-dir <dataset> --out <run dir> [eval_seg.py options]
+#   eval/LISA/eval.sh --help      this text and eval_seg.py's options (needs no GPU and no LISA checkout)
 #
 # Runs eval/LISA/eval_seg.py on every visible GPU (torchrun, one process each; NGPUS=<n> to choose),
 # then merges the shards and writes <run dir>/summary.json, table.md and table.csv. Rerunning the same
@@ -19,6 +20,17 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python}"
 DRIVER="$HERE/eval_seg.py"
+
+# --help / -h first: print this header and the driver's options, before any GPU check.
+for a in "$@"; do
+    [[ "$a" == "--" ]] && break
+    if [[ "$a" == "--help" || "$a" == "-h" ]]; then
+        sed -n '2,/^set -euo pipefail$/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+        echo
+        echo "Options of $DRIVER (passed through):"
+        exec "$PY" "$DRIVER" --help
+    fi
+done
 
 for a in "$@"; do
     if [[ "$a" == "--merge-only" ]]; then

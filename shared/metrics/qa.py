@@ -6,12 +6,17 @@
 - **BLEU-1..4, METEOR, ROUGE-L, CIDEr** (``eval_pycoco``): pycocoevalcap's ``PTBTokenizer`` (Stanford
   CoreNLP 3.4.1, lower-cased, punctuation tokens removed) on the raw prediction and on every reference,
   then ``Bleu(4)`` (closest reference length), ``Meteor()`` (meteor-1.5, ``-l en -norm``),
-  ``Rouge()`` (ROUGE-L, β = 1.2) and ``Cider()`` (plain CIDEr, not CIDEr-D: 1- to 4-grams, σ = 6,
-  document frequencies from the evaluated references, so the value depends on the whole set: score
-  the merged shards, never average per-shard CIDEr). No SPICE, no "Top1 (F-value)" (NLTK WordNet
-  lemmas). All ×100. One deliberate difference: line separators other than "\n" inside an answer
-  ("\r", U+2028, ...) become spaces before PTBTokenizer; upstream they split the Java tokenizer's
-  input lines and silently shift every later caption onto the wrong question.
+  ``Rouge()`` (ROUGE-L, β = 1.2) and ``Cider()``, which is CIDEr-D (reported as "CIDEr", as ScanQA
+  does): per question, for n = 1..4 the cosine of tf-idf n-gram vectors with the candidate's weights
+  clipped at the reference's (Σ min(g_c, g_r)·g_r / (‖g_c‖‖g_r‖)), times the Gaussian length penalty
+  exp(−δ²/(2σ²)), σ = 6 (δ counted in bigrams: the word-count difference unless a side is empty);
+  mean over n and over references, ×10; no stemming. idf = log N − log max(1, df), N the number of
+  questions scored, df the number of them whose references contain the n-gram: the value depends on
+  the whole set, so score the merged shards, never average per-shard CIDEr. No SPICE, no "Top1 (F-value)" (NLTK
+  WordNet lemmas). All ×100 (for CIDEr on top of its own ×10). One deliberate difference: line
+  separators other than "\n" inside an answer ("\r", U+2028, ...) become spaces before PTBTokenizer;
+  upstream they split the Java tokenizer's input lines and silently shift every later caption onto
+  the wrong question.
 
 plus the LLM-era convention of LEO (embodied-generalist/embodied-generalist @ 567f2d8,
 ``data/data_utils.py::clean_answer`` and ``evaluator/scanqa_eval.py::ScanQAEvaluator.answer_match``):
