@@ -3,9 +3,10 @@
 Everything here is the real, patched LISA (``tests/hosts/upstream.py`` materialises it) except
 sizes: a LLaMA of 6 layers × 64, a CLIP ViT of 3 layers × 32 at 224 px / 14 px (N = 256 image
 tokens, as ``openai/clip-vit-large-patch14``: LISA's hard-coded 255 stays right for the stock code),
-a SAM whose ViT image encoder is 2 layers × 16 (built by LISA's ``_build_sam``: the test substitutes
-``build_sam_vit_h``, the only builder ``model/LISA.py`` calls), and a sentencepiece LLaMA tokenizer
-trained here on the prompts. Prompt encoder and mask decoder keep SAM's sizes (256-d).
+a SAM assembled like LISA's ``_build_sam`` from LISA's own SAM classes at test sizes (``build_sam_tiny``:
+1024-px input, 16-d ViT with 64-px patches, 32-d prompt encoder and mask decoder; the test
+substitutes ``build_sam_vit_h``, the only builder ``model/LISA.py`` calls, and ViT-H never runs),
+and a sentencepiece LLaMA tokenizer trained here on the prompts (byte fallback: any text encodes).
 
 The checkpoint directory has what ``eval/LISA/eval_seg.py`` ``load_data``/``load_model`` read from a
 released LISA: ``config.json`` (LlavaConfig with LISA's fields), weights, the slow tokenizer
@@ -17,6 +18,7 @@ tree's base commit, and the references the tests compare against.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
 import sys
@@ -45,8 +47,6 @@ VAL_DATASETS = ("refcoco|unc|val", "ReasonSeg|val")
 def import_lisa(tree: upstream.PatchedTree) -> Dict[str, Any]:
     """Import the patched tree's modules (``model``, ``utils`` top-level packages)."""
     upstream.use_tree(tree.path, upstream.PACKAGES["LISA"])
-    import importlib
-
     lisa_mod = importlib.import_module("model.LISA")
     build_sam_mod = importlib.import_module("model.segment_anything.build_sam")
 
@@ -127,14 +127,12 @@ def build_sam_tiny(build_sam_mod, checkpoint=None):
     """LISA's ``_build_sam`` (``model/segment_anything/build_sam.py``) at test sizes: the same classes
     and the 1024-px input (``ValDataset`` pads to it), a 2-layer 16-d ViT with 64-px patches (16 x 16
     image embedding, one windowed and one global layer), prompt encoder and mask decoder 32-d."""
-    from functools import partial as _partial
-
     m = build_sam_mod
     image_size, patch = 1024, 64
     sam = m.Sam(
         image_encoder=m.ImageEncoderViT(
             depth=2, embed_dim=16, img_size=image_size, mlp_ratio=4,
-            norm_layer=_partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch, qkv_bias=True,
             use_rel_pos=True, global_attn_indexes=[1], window_size=4, out_chans=SAM_DIM,
         ),
         prompt_encoder=m.PromptEncoder(

@@ -62,10 +62,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     _environment()
-    try:
-        tree = upstream.patched_tree("LISA")
-    except upstream.Unavailable as e:
-        upstream.unavailable(str(e))
+    tree = upstream.tree_or_skip("LISA")
     from . import lisa_build as lb
 
     work = tmp_path_factory.mktemp("lisa")
@@ -268,37 +265,36 @@ def expected_selection(env: Env, case: Case, batch) -> Optional[torch.Tensor]:
     raise ValueError(f"selection: no hand rule for {mode!r} (seg_first is checked by property)")
 
 
-def reference(env: Env, case: Case, batch) -> Tuple[torch.Tensor, Any, int, List[Optional[torch.Tensor]]]:
-    """(pred mask logits, engine stats or None, image tokens n, selection per row) without the glue."""
+def reference(env: Env, case: Case, batch, drawn: Optional[List[torch.Tensor]] = None):
+    """(pred mask logits, engine stats or None, image tokens n, selection per row or None) of one
+    image without the glue. ``drawn``: Seg-First's per-row selection (random draws, checked apart)."""
     from shared.engine import pruning
 
     lb, stock, seg_id = env.lb, env.stock, env.loaded.seg_token_idx
-    rows = batch["input_ids"].shape[0]
     with torch.no_grad(), lb.cpu_cuda_calls():
-        if case.reducer is not None:
+        if case.reducer is not None:  # LLaVA forward on the reducer's tokens + LISA's tail
             reduced = case.reducer()(stock.get_model().get_vision_tower().vision_tower, batch["images_clip"])
             n = int(reduced.counts[0])
             hidden = lb.llava_hidden(stock, batch, projector_input=reduced.features)
             _, seg, _ = lb.positions(batch, seg_id, n)
-            return lb.lisa_tail(stock, hidden, [p - 1 for p in seg], batch), None, n, [None] * rows
-        if case.method is None:
-            return stock(**batch)["pred_masks"][0], None, N, [None] * rows
+            return lb.lisa_tail(stock, hidden, [p - 1 for p in seg], batch), None, n, None
+        if case.method is None:  # the stock model_forward as is
+            return stock(**batch)["pred_masks"][0], None, N, None
+        # the stock model_forward with the engine on its decoder, prepared from input_ids positions
         starts, seg, valid = lb.positions(batch, seg_id, N)
         seg_t = torch.tensor(seg)
         query = {"pre_seg": seg_t - 1, "seg": seg_t, "last": torch.tensor(valid) + N - 2}[case.query]
-        sel = expected_selection(env, case, batch)
-        selection = None if sel is None else [sel] * rows
-        return _engine_reference(stock, case, batch, starts, seg_t, query, selection, pruning)
-
-
-def _engine_reference(stock, case, batch, starts, seg, query, selection, pruning):
-    cfg = case.method()
-    is_csp = case.selection is not None
-    with pruning(stock.get_model(), cfg) as eng:
-        eng.prepare(visual_spans=[(s, s + N) for s in starts], query_index=query,
-                    guidance_index=seg if is_csp else None, visual_selection=selection)
-        out = stock(**batch)
-    return out["pred_masks"][0], eng.last_stats, N, selection or [None] * len(starts)
+        if case.selection is None:
+            selection = None
+        elif case.selection == "seg_first":
+            selection = list(drawn)
+        else:
+            selection = [expected_selection(env, case, batch)] * len(starts)
+        with pruning(stock.get_model(), case.method()) as eng:
+            eng.prepare(visual_spans=[(s, s + N) for s in starts], query_index=query,
+                        guidance_index=seg_t if case.selection else None, visual_selection=selection)
+            out = stock(**batch)
+        return out["pred_masks"][0], eng.last_stats, N, selection
 
 
 def _iou_counts(pred: torch.Tensor, gt: torch.Tensor) -> Tuple[List[int], List[int]]:
@@ -321,15 +317,13 @@ def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeyp
         batch, out, record = call["batch"], call["output"], call["record"]
         if case.selection == "seg_first":
             _check_seg_first(run, i, record, batch)
-            ref_pred, ref_stats, n, sel = _seg_first_reference(env, case, batch, record)
-        else:
-            ref_pred, ref_stats, n, sel = reference(env, case, batch)
+        ref_pred, ref_stats, n, sel = reference(env, case, batch, drawn=record.selection)
         pred = out["pred_masks"][0]
         assert pred.shape == ref_pred.shape
         assert int((pred != ref_pred).sum()) == 0, f"{name}: image {i}: mask logits differ from the stock reference"
         if ref_stats is not None:
             assert torch.equal(record.stats.visual, ref_stats.visual) and torch.equal(record.stats.tokens, ref_stats.tokens)
-        if sel[0] is not None:
+        if sel is not None:
             assert [s.tolist() for s in record.selection] == [s.tolist() for s in sel]
         _, _, valid = env.lb.positions(batch, env.loaded.seg_token_idx, n)
         for r in range(len(valid)):
@@ -363,16 +357,6 @@ def _check_seg_first(run: Run, i: int, record, batch) -> None:
     for s in record.selection:
         assert int((s < 128).sum()) == 32 and int((s >= 128).sum()) == 32  # top half = grid rows 0-7
     assert all(torch.equal(s, record.selection[0]) for s in record.selection)
-
-
-def _seg_first_reference(env: Env, case: Case, batch, record):
-    from shared.engine import pruning
-
-    lb, stock = env.lb, env.stock
-    starts, seg, _ = lb.positions(batch, env.loaded.seg_token_idx, N)
-    seg_t = torch.tensor(seg)
-    with torch.no_grad(), lb.cpu_cuda_calls():
-        return _engine_reference(stock, case, batch, starts, seg_t, seg_t - 1, list(record.selection), pruning)
 
 
 def test_lisa_tail_transcription_equals_the_stock_forward(env):

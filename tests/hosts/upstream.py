@@ -95,17 +95,29 @@ def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return subprocess.run(["git", *_IDENT, *args], cwd=str(cwd), env=env, text=True, capture_output=True, check=check)
 
 
-#: Set to 1 by scripts/test.sh where a host's tests must run: their skips become failures.
+#: Set to 1 by scripts/test.sh in the environment built for a host's tests: a missing package or a
+#: wrong transformers version there fails the tests instead of skipping them.
 REQUIRED_ENV = "HOST_TESTS_REQUIRED"
 
 
 def unavailable(reason: str) -> None:
-    """Skip the calling test (pytest) with ``reason``, or fail it when ``$HOST_TESTS_REQUIRED`` is 1."""
+    """The environment cannot run the calling test: skip with ``reason`` (fail if ``$HOST_TESTS_REQUIRED`` is 1)."""
     import pytest
 
     if os.environ.get(REQUIRED_ENV) == "1":
-        pytest.fail(f"{reason} (${REQUIRED_ENV}=1: this environment must run the host tests)")
+        pytest.fail(f"{reason} (${REQUIRED_ENV}=1: this environment is meant to run the host tests)")
     pytest.skip(reason)
+
+
+def tree_or_skip(host: str) -> "PatchedTree":
+    """``patched_tree(host)``, skipping the calling test when no source is there (always a skip:
+    the snapshot folder may be absent); a series that fails to apply raises (a failure)."""
+    import pytest
+
+    try:
+        return patched_tree(host)
+    except Unavailable as e:
+        pytest.skip(str(e))
 
 
 def pin_of(host: str, root: Path = ROOT) -> str:
@@ -245,6 +257,7 @@ __all__ = [
     "materialise",
     "patched_tree",
     "pin_of",
+    "tree_or_skip",
     "unavailable",
     "use_tree",
 ]
