@@ -17,10 +17,15 @@
 #   --no-tf   only set up the base venv
 #   --no-yolo skip .venvs/yolo
 #
-#   .venvs/yolo            a separate venv for the one test that runs a real (untrained) YOLO11-seg:
-#                          ultralytics needs torchvision, and PyPI's torchvision cannot load beside
-#                          the local torch 2.13 CPU wheel, so this env takes torch 2.14.1 +
-#                          torchvision 0.29.1 (~5.5 GB, from this machine's local wheel store).
+#   .venvs/yolo            a separate venv for the tests that need torchvision, which PyPI's wheels
+#                          cannot load beside the local torch 2.13 CPU wheel, so this env takes
+#                          torch 2.14.1 + torchvision 0.29.1 (~5.5 GB, from this machine's local wheel
+#                          store): the real (untrained) YOLO11-seg test (ultralytics), and the real
+#                          LISA tests (tests/hosts/test_lisa_real.py, run with
+#                          PYTHONPATH=.venvs/tf-4.31.0): LISA's vendored SAM imports torchvision, its
+#                          ValDataset opencv, pycocotools and scikit-image (utils/refer.py), its LLaVA
+#                          einops, its slow LLaMA tokenizer sentencepiece, and its loaders
+#                          (from_pretrained(low_cpu_mem_usage=True) on transformers 4.31) accelerate.
 #
 # Each env is stamped (.venvs/<env>/.setup-stamp) with the spec it was built from; an env
 # whose stamp matches is skipped, one whose spec changed is rebuilt from scratch.
@@ -54,7 +59,10 @@ tf_extra_pins() {
 }
 
 YOLO="$VENVS/yolo"
-YOLO_PKGS=("torch==2.14.1" "torchvision==0.29.1" "ultralytics==8.4.190" pytest numpy)
+# ultralytics brings opencv-python, matplotlib, pillow, pyyaml; the rest after it is for LISA's code
+# (accelerate pinned to the release checked against transformers 4.31's loaders).
+YOLO_PKGS=("torch==2.14.1" "torchvision==0.29.1" "ultralytics==8.4.190" pytest numpy
+           pycocotools scikit-image sentencepiece einops tqdm "accelerate==1.16.0")
 
 FORCE=0
 VERIFY_ALL=0
@@ -67,7 +75,7 @@ for arg in "$@"; do
         --verify) VERIFY_ALL=1 ;;
         --no-tf) DO_TF=0 ;;
         --no-yolo) DO_YOLO=0 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) SELECTED+=("$arg") ;;
     esac
@@ -166,7 +174,7 @@ setup_yolo() {
     run "$PYTHON" -m venv "$YOLO"
     run "$py" -m pip install "${PIP_COMMON[@]}" "${YOLO_PKGS[@]}"
     run "$py" -m pip install "${PIP_COMMON[@]}" --no-build-isolation --no-deps -e "$REPO_ROOT"
-    YOLO_OFFLINE=1 run "$py" -c 'import torchvision, ultralytics, shared; print("yolo ok: ultralytics", ultralytics.__version__)'
+    YOLO_OFFLINE=1 run "$py" -c 'import torchvision, ultralytics, shared, cv2, pycocotools.mask, skimage.io, sentencepiece, einops, tqdm, accelerate; print("yolo ok: ultralytics", ultralytics.__version__)'
     echo "$spec" > "$YOLO/.setup-stamp"
     log "yolo venv ready"
 }

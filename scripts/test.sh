@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: builds the test environments if needed, then runs the suite once per
 # transformers version the hosts pin (4.31 LISA, 4.37.2 LLaVA-3D, 4.39.3 Chat-Scene, 4.40.2
-# LLaVA-NeXT) and the latest 5.x (native path), then the real-YOLO Seg-First test in .venvs/yolo.
-# Extra arguments go to pytest.
+# LLaVA-NeXT) and the latest 5.x (native path), then the real-host tests (tests/hosts: the patched
+# upstream code from the submodule or ../shared/upstream) on their pins, and the real-YOLO Seg-First
+# test in .venvs/yolo. Extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_test_envs.sh || { echo "test environments could not be set up" >&2; exit 1; }
@@ -31,17 +32,27 @@ run_suite() {
 
 for v in "${VERSIONS[@]}"; do
     # version-independent tests (accounting, tooling, metrics) run once, with the latest transformers;
-    # the engine runs on every pin, and LISA's host code also on its own pin (4.31)
+    # the engine runs on every pin, and LISA's host code also on its own pin (4.31), the patched
+    # LLaVA-NeXT fork on its own (4.40.2; HOST_TESTS_REQUIRED=1: a broken env fails, never skips)
+    required=0
     if [ "$v" = "$LATEST" ]; then
         targets=(tests)
     elif [ "$v" = 4.31.0 ]; then
         targets=(tests/engine tests/test_lisa_host.py tests/test_prellm_baselines.py)
+    elif [ "$v" = 4.40.2 ]; then
+        targets=(tests/engine tests/hosts/test_llava_next_fork.py)
+        required=1
     else
         targets=(tests/engine)
     fi
     run_suite "transformers $v: ${targets[*]}" \
-        env PYTHONPATH=".venvs/tf-$v" .venvs/base/bin/python -m pytest "${targets[@]}" -q -p no:cacheprovider "$@"
+        env PYTHONPATH=".venvs/tf-$v" HOST_TESTS_REQUIRED=$required \
+        .venvs/base/bin/python -m pytest "${targets[@]}" -q -p no:cacheprovider "$@"
 done
+# the real patched LISA needs torchvision (its vendored SAM), which only .venvs/yolo can load
+run_suite "transformers 4.31.0 + .venvs/yolo (torchvision): real patched LISA through eval/LISA/eval_seg.py" \
+    env PYTHONPATH=".venvs/tf-4.31.0" HOST_TESTS_REQUIRED=1 \
+    .venvs/yolo/bin/python -m pytest tests/hosts/test_lisa_real.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
 echo "all environments: ${passed_total} passed, ${failed_total} failed"

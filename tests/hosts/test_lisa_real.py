@@ -1,0 +1,383 @@
+"""The real patched LISA (tiny random weights) through the eval driver, every method it offers.
+
+Upstream code path: ``tests/hosts/upstream.py`` materialises LISA at its pin (submodule, else the
+snapshot in ../shared/upstream) with ``patches/LISA`` applied; ``lisa_build`` builds a tiny LISA with
+LISA's own classes (LlavaConfig, LISAForCausalLM, CLIPVisionTower, SAM parts) and saves it as a
+checkpoint. ``eval/LISA/eval_seg.py`` then does what its ``main`` does on a GPU: ``load_data``
+(LISA's slow tokenizer, ``ValDataset`` on the real-format fixtures, ``collate_fn``), ``load_model``
+(``LISAForCausalLM.from_pretrained`` + ``initialize_vision_modules``) and ``run`` — each image one
+``model(**batch, pruner=...)``, i.e. the patched ``model_forward(inference=True)``.
+
+References, computed apart from the glue: the stock (unpatched) ``model/LISA.py`` of the same tree
+with the same weights, run as is (no method), or with the engine installed on its decoder and
+``prepare``d by this test from token positions read off ``input_ids`` (in-LLM methods), or LISA's
+LLaVA forward with the reducer's tokens fed to the projector plus LISA's tail transcribed (pre-LLM
+reducers; the transcription is checked against the stock forward first). Layer schedules, clustering
+selections and IoU counts are worked out here by hand.
+
+Runs on LISA's pin, transformers 4.31, in an env with torchvision (``scripts/test.sh``:
+``PYTHONPATH=.venvs/tf-4.31.0 .venvs/yolo/bin/python -m pytest tests/hosts/test_lisa_real.py``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+from . import upstream
+
+REQUIRED_MODULES = ("torchvision", "cv2", "pycocotools", "skimage", "sentencepiece", "accelerate")
+
+
+def _environment() -> None:
+    import importlib.util
+
+    import transformers
+
+    if transformers.__version__ != "4.31.0":
+        upstream.unavailable(f"LISA pins transformers 4.31.0, this is {transformers.__version__} "
+                             "(PYTHONPATH=.venvs/tf-4.31.0 .venvs/yolo/bin/python -m pytest ...)")
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        upstream.unavailable(f"LISA's imports need {missing} (scripts/setup_test_envs.sh installs them in .venvs/yolo)")
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@dataclass
+class Env:
+    lb: Any
+    drv: Any
+    ckpt: Any
+    loaded: Any
+    stock: Any
+    workdir: Path
+    runs: Dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    _environment()
+    tree = upstream.tree_or_skip("LISA")
+    from . import lisa_build as lb
+
+    work = tmp_path_factory.mktemp("lisa")
+    ckpt = lb.build_checkpoint(tree, work / "ckpt")
+    drv = lb.load_driver()
+    loaded = lb.load_with_driver(drv, ckpt, lb.driver_args(drv, ckpt, work / "probe"))
+    stock = lb.stock_model(ckpt, loaded)
+    return Env(lb, drv, ckpt, loaded, stock, work)
+
+
+@dataclass
+class Run:
+    summary: Dict[str, Any]
+    calls: List[Dict[str, Any]]  # one per image: batch, output, record
+    records: List[Dict[str, Any]]  # the JSONL records of all datasets, in order
+    detector: Any = None
+
+
+class HalvesDetector:
+    """Stands in for YOLO (``shared.segfirst.YoloMaskSource``, tested in its own venv) with known
+    instances on the ORIGINAL image: its top half, its bottom half, and (for landscape images) a
+    strip at the left edge that LISA's CLIP centre crop cuts away."""
+
+    def __init__(self, weights=None, device="cpu", **_kw):
+        self.seen: List[np.ndarray] = []
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        self.seen.append(image)
+        h, w = image.shape[:2]
+        masks = [np.zeros((h, w), bool), np.zeros((h, w), bool)]
+        masks[0][: h // 2] = True
+        masks[1][h // 2:] = True
+        if w > h:  # the crop keeps x in [(w - h) / 2, (w + h) / 2): a strip 1 px short of it is outside
+            strip = np.zeros((h, w), bool)
+            strip[:, : (w - h) // 2 - 1] = True
+            masks.append(strip)
+        return np.stack(masks)
+
+
+def run_driver(env: Env, name: str, flags: Tuple[str, ...], monkeypatch=None) -> Run:
+    if name in env.runs:
+        return env.runs[name]
+    lb, drv, loaded = env.lb, env.drv, env.loaded
+    args = lb.driver_args(drv, env.ckpt, env.workdir / f"run-{name}", *flags)
+    detector = None
+    if "seg_first" in flags:
+        import shared.segfirst
+
+        detector = HalvesDetector()
+        monkeypatch.setattr(shared.segfirst, "YoloMaskSource", lambda **kw: detector)
+    log = lb.ForwardLog(loaded.model)
+    try:
+        with lb.cpu_cuda_calls():
+            summary = drv.run(args, loaded.model, loaded.make_dataset, loaded.collate, loaded.dims,
+                              torch.device("cpu"), loaded.dtype, env={})
+    finally:
+        log.close()
+    records = []
+    for val in args.val_dataset:
+        path = Path(args.out) / f"{drv.dataset_tag(val)}.jsonl"
+        records += [json.loads(x) for x in path.read_text().splitlines()]
+    env.runs[name] = Run(summary, log.calls, records, detector)
+    return env.runs[name]
+
+
+# ------------------------------------------------------------------------------- the code path
+def test_the_driver_runs_the_patched_upstream_lisa(env):
+    tree, model = env.ckpt.tree, env.loaded.model
+    lisa_py = (tree.path / "model" / "LISA.py").resolve()
+    assert Path(type(model).model_forward.__code__.co_filename).resolve() == lisa_py
+    import utils.dataset
+
+    assert Path(utils.dataset.__file__).resolve() == (tree.path / "utils" / "dataset.py").resolve()
+    assert env.loaded.make_dataset("refcoco|unc|val").__class__ is utils.dataset.ValDataset
+    assert [p.name for p in tree.patches] == sorted(p.name for p in (upstream.ROOT / "patches" / "LISA").glob("*.patch"))
+    patched, stock = lisa_py.read_text(), tree.stock_file("model/LISA.py")
+    assert stock.count("shape[0], 255))") == 2 and "shape[0], 255))" not in patched
+    assert patched.count("shared_lisa.seg_offset(") == 2 and "shared_lisa.pruning_context(" in patched
+    assert type(env.stock).model_forward.__code__.co_filename.startswith(str(tree.path / "model" / "LISA.py") + " @ ")
+    assert tree.source.kind in ("submodule", "snapshot")
+
+
+def test_valdataset_reads_the_fixtures_as_lisa_does(env):
+    """LISA's ValDataset on the real-format fixtures: the driver's expression keys follow its
+    order (REFER lists image ids through a set: 202 before 101), and its RefCOCO masks are the COCO
+    polygons rasterised by pycocotools."""
+    from pycocotools import mask as cocomask
+
+    lb, drv = env.lb, env.drv
+    ds = env.loaded.make_dataset("refcoco|unc|val")
+    keys = drv.all_expressions(ds)
+    assert [[(e.key, e.sentence) for e in ex] for _, ex in keys] == [
+        [("202:0", "man in red")],
+        [("101:0", "person on the left"), ("101:1", "left guy"), ("101:2", "the dog")],
+    ]
+    inst = json.loads((lb.FIXTURES / "refer_seg" / "refcoco" / "instances.json").read_text())
+    anns = {a["id"]: a for a in inst["annotations"]}
+    item = ds[1]
+    masks = item[4].numpy()
+    for row, ann_id in enumerate([1011, 1011, 1012]):
+        poly = anns[ann_id]["segmentation"]
+        want = cocomask.decode(cocomask.frPyObjects(poly, 48, 64)).sum(axis=2)
+        assert int((masks[row] != want).sum()) == 0
+    conv = item[3]
+    assert len(conv) == 3 and all(c.count("<image>") == 1 and c.endswith("ASSISTANT: [SEG].</s>") for c in conv)
+    rs = env.loaded.make_dataset("ReasonSeg|val")
+    assert [e.key for _, ex in drv.all_expressions(rs) for e in ex] == ["fixture_0001:0"]
+    gt = rs[0][4][0]
+    assert set(torch.unique(gt).tolist()) == {0, 1, 255}  # target 1, the 'ignore' shape 255
+
+
+# ------------------------------------------------------------------------------------- methods
+N = 256  # image tokens of the tiny tower (224 px / 14 px), as LISA-7B's
+LAYERS = 6
+
+
+@dataclass(frozen=True)
+class Case:
+    flags: Tuple[str, ...]
+    method: Optional[Callable[[], Any]] = None  # in-LLM config, built here from the flag values
+    reducer: Optional[Callable[[], Any]] = None  # pre-LLM reducer, built here from the flag values
+    schedule: Callable[[int], List[int]] = lambda n: [n] * LAYERS  # visual tokens per layer
+    query: str = "pre_seg"
+    selection: Optional[str] = None  # how the clustering selection is worked out
+
+
+def _csp(mode, **kw):
+    from shared.methods.lvlm_csp import LVLMCSP
+
+    return lambda: LVLMCSP(2, 64, 2, 16, clustering=mode, **kw)
+
+
+CSP = ("--prune", "csp", "--csp", "2", "64", "2", "16")
+CSP_SCHEDULE = lambda n: [64, 64, n, n, 16, 16]  # noqa: E731  (Lc=2 at Nc, Ls=2 at N, then Np)
+
+
+def _fastv():
+    from shared.methods.fastv import FastV
+
+    return FastV(layer=2, keep=64)
+
+
+def _pdrop():
+    from shared.methods.pyramid_drop import PyramidDrop
+
+    return PyramidDrop(layers=(2, 4), ratio=0.5)
+
+
+def _prumerge(plus):
+    from shared.methods.prumerge import PruMerge, PruMergePlus
+
+    return lambda: (PruMergePlus if plus else PruMerge)()
+
+
+def _visionzip():
+    from shared.methods.visionzip import VisionZip
+
+    return VisionZip(tokens=64)
+
+
+CASES: Dict[str, Case] = {
+    "none": Case(()),
+    "csp-uniform": Case(CSP + ("--csp-cluster", "uniform"), _csp("uniform"), schedule=CSP_SCHEDULE, selection="literal"),
+    "csp-uniform-grid-pre_seg": Case(CSP + ("--csp-cluster", "uniform", "--csp-uniform", "grid", "--seg-query", "pre_seg"),
+                                     _csp("uniform", uniform_layout="grid", seg_query="pre_seg"), schedule=CSP_SCHEDULE,
+                                     selection="grid"),
+    "csp-random": Case(CSP + ("--csp-cluster", "random", "--seed", "3"), _csp("random", seed=3), schedule=CSP_SCHEDULE,
+                       selection="random"),
+    "csp-cls": Case(CSP + ("--csp-cluster", "cls"), _csp("cls"), schedule=CSP_SCHEDULE, selection="cls"),
+    "csp-seg_first": Case(CSP + ("--csp-cluster", "seg_first", "--yolo-weights", "unused-yolo11n-seg.pt"),
+                          _csp("seg_first"), schedule=CSP_SCHEDULE, selection="seg_first"),
+    "fastv": Case(("--prune", "fastv", "--fastv-k", "2", "--fastv-r", "64"), _fastv,
+                  schedule=lambda n: [n, n, 64, 64, 64, 64]),
+    "fastv-last": Case(("--prune", "fastv", "--fastv-k", "2", "--fastv-r", "64", "--query", "last"), _fastv,
+                       schedule=lambda n: [n, n, 64, 64, 64, 64], query="last"),
+    "pdrop-seg": Case(("--prune", "pdrop", "--pdrop-layers", "2", "4", "--pdrop-ratio", "0.5", "--query", "seg"), _pdrop,
+                      schedule=lambda n: [n, n, n // 2, n // 2, n // 4, n // 4], query="seg"),
+    "prumerge": Case(("--prune", "prumerge"), reducer=_prumerge(False)),
+    "prumerge_plus": Case(("--prune", "prumerge_plus"), reducer=_prumerge(True)),
+    "visionzip": Case(("--prune", "visionzip", "--visionzip-tokens", "64"), reducer=_visionzip),
+}
+
+
+def expected_selection(env: Env, case: Case, batch) -> Optional[torch.Tensor]:
+    """The clustering stage's token set for this image, worked out without the glue."""
+    mode = case.selection
+    if mode is None:
+        return None
+    if mode == "literal":  # Eq. 2 as printed: i * floor(N / Nc)
+        return torch.arange(64) * 4
+    if mode == "grid":  # 8 x 8 lattice on the 16 x 16 grid, cell centres: rows/cols 1, 3, ..., 15
+        odd = torch.arange(1, 16, 2)
+        return (odd[:, None] * 16 + odd[None, :]).reshape(-1)
+    if mode == "random":  # torch.randperm of a generator seeded with --seed
+        return torch.sort(torch.randperm(N, generator=torch.Generator().manual_seed(3))[:64]).values
+    if mode == "cls":
+        with torch.no_grad():
+            scores = env.lb.cls_attention_by_hand(env.stock, batch["images_clip"])
+        return torch.sort(torch.topk(scores, 64).indices).values
+    raise ValueError(f"selection: no hand rule for {mode!r} (seg_first is checked by property)")
+
+
+def reference(env: Env, case: Case, batch, drawn: Optional[List[torch.Tensor]] = None):
+    """(pred mask logits, engine stats or None, image tokens n, selection per row or None) of one
+    image without the glue. ``drawn``: Seg-First's per-row selection (random draws, checked apart)."""
+    from shared.engine import pruning
+
+    lb, stock, seg_id = env.lb, env.stock, env.loaded.seg_token_idx
+    with torch.no_grad(), lb.cpu_cuda_calls():
+        if case.reducer is not None:  # LLaVA forward on the reducer's tokens + LISA's tail
+            reduced = case.reducer()(stock.get_model().get_vision_tower().vision_tower, batch["images_clip"])
+            n = int(reduced.counts[0])
+            hidden = lb.llava_hidden(stock, batch, projector_input=reduced.features)
+            _, seg, _ = lb.positions(batch, seg_id, n)
+            return lb.lisa_tail(stock, hidden, [p - 1 for p in seg], batch), None, n, None
+        if case.method is None:  # the stock model_forward as is
+            return stock(**batch)["pred_masks"][0], None, N, None
+        # the stock model_forward with the engine on its decoder, prepared from input_ids positions
+        starts, seg, valid = lb.positions(batch, seg_id, N)
+        seg_t = torch.tensor(seg)
+        query = {"pre_seg": seg_t - 1, "seg": seg_t, "last": torch.tensor(valid) + N - 2}[case.query]
+        if case.selection is None:
+            selection = None
+        elif case.selection == "seg_first":
+            selection = list(drawn)
+        else:
+            selection = [expected_selection(env, case, batch)] * len(starts)
+        with pruning(stock.get_model(), case.method()) as eng:
+            eng.prepare(visual_spans=[(s, s + N) for s in starts], query_index=query,
+                        guidance_index=seg_t if case.selection else None, visual_selection=selection)
+            out = stock(**batch)
+        return out["pred_masks"][0], eng.last_stats, N, selection
+
+
+def _iou_counts(pred: torch.Tensor, gt: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """LISA's intersectionAndUnion (K=2, ignore 255) counted by hand: [bg, fg] I and U."""
+    p, g = pred > 0, gt.long()
+    valid = g != 255
+    inter = [int((~p & (g == 0) & valid).sum()), int((p & (g == 1) & valid).sum())]
+    union = [int(((~p | (g == 0)) & valid).sum()), int(((p | (g == 1)) & valid).sum())]
+    return inter, union
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeypatch):
+    case = CASES[name]
+    run = run_driver(env, name, case.flags, monkeypatch)
+    assert [len(c["batch"]["conversation_list"]) for c in run.calls] == [1, 3, 1]  # 2 RefCOCO images, 1 ReasonSeg
+    assert len(run.records) == 5
+    rec_iter = iter(run.records)
+    for i, call in enumerate(run.calls):
+        batch, out, record = call["batch"], call["output"], call["record"]
+        if case.selection == "seg_first":
+            _check_seg_first(run, i, record, batch)
+        ref_pred, ref_stats, n, sel = reference(env, case, batch, drawn=record.selection)
+        pred = out["pred_masks"][0]
+        assert pred.shape == ref_pred.shape
+        assert int((pred != ref_pred).sum()) == 0, f"{name}: image {i}: mask logits differ from the stock reference"
+        if ref_stats is not None:
+            assert torch.equal(record.stats.visual, ref_stats.visual) and torch.equal(record.stats.tokens, ref_stats.tokens)
+        if sel is not None:
+            assert [s.tolist() for s in record.selection] == [s.tolist() for s in sel]
+        _, _, valid = env.lb.positions(batch, env.loaded.seg_token_idx, n)
+        for r in range(len(valid)):
+            rec = next(rec_iter)
+            assert rec["visual_per_layer"] == case.schedule(n)
+            assert rec["image_tokens"] == n and rec["text_tokens"] == valid[r] - 1
+            assert rec["selected"] == (64 if case.selection else None)
+            inter, union = _iou_counts(pred[r], out["gt_masks"][0][r])
+            assert (rec["intersection"], rec["union"]) == (inter, union)
+    if case.reducer is not None:  # the reducer really shortened the sequence
+        assert all(r["image_tokens"] < N for r in run.records)
+    if name != "none":  # and the method changed what SAM got: the comparison above is not vacuous
+        base = run_driver(env, "none", CASES["none"].flags)
+        for call, plain in zip(run.calls, base.calls):
+            assert not torch.equal(call["output"]["pred_masks"][0], plain["output"]["pred_masks"][0])
+
+
+def _check_seg_first(run: Run, i: int, record, batch) -> None:
+    """Seg-First read the original image from the batch's path and mapped the known instances:
+    the edge strip outside the centre crop gets no quota, the halves 32 each of Nc = 64."""
+    import cv2
+
+    img = run.detector.seen[i]
+    path = batch["image_paths"][0]
+    assert np.array_equal(img, cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
+    h, w = img.shape[:2]
+    quotas = record.info["quotas"]
+    quotas = quotas.tolist() if hasattr(quotas, "tolist") else list(quotas)
+    assert quotas == ([32, 32, 0] if w > h else [32, 32])
+    assert record.info["instances"] == (3 if w > h else 2) and not record.info["fallback_used"]
+    for s in record.selection:
+        assert int((s < 128).sum()) == 32 and int((s >= 128).sum()) == 32  # top half = grid rows 0-7
+    assert all(torch.equal(s, record.selection[0]) for s in record.selection)
+
+
+def test_lisa_tail_transcription_equals_the_stock_forward(env):
+    """The reducers' reference (LLaVA forward + LISA's tail written out here) is exact on the stock model."""
+    run = run_driver(env, "none", CASES["none"].flags)
+    lb, stock = env.lb, env.stock
+    for call in run.calls:
+        batch = call["batch"]
+        with torch.no_grad(), lb.cpu_cuda_calls():
+            want = stock(**batch)["pred_masks"][0]
+            _, seg, _ = lb.positions(batch, env.loaded.seg_token_idx, N)
+            got = lb.lisa_tail(stock, lb.llava_hidden(stock, batch), [p - 1 for p in seg], batch)
+        assert int((got != want).sum()) == 0
+
+
+def test_metrics_summarise_the_records(env):
+    run = run_driver(env, "none", CASES["none"].flags)
+    ref = run.records[:4]
+    ious = [r["intersection"][1] / (r["union"][1] + 1e-5) for r in ref]
+    s = run.summary["datasets"]["refcoco|unc|val"]
+    assert s["gIoU"] == pytest.approx(100 * sum(ious) / 4, abs=1e-9)
+    assert s["cIoU"] == pytest.approx(100 * sum(r["intersection"][1] for r in ref) /
+                                      (sum(r["union"][1] for r in ref) + 1e-10), abs=1e-9)
+    assert 0 < s["gIoU"] < 100  # a random model: neither empty nor perfect masks
