@@ -17,12 +17,12 @@ bash scripts/setup_test_envs.sh --no-yolo 5.23.0 >&2
 PY=(env PYTHONPATH=.venvs/tf-5.23.0 .venvs/base/bin/python)
 which="${1:-all}"
 case "$which" in
-    segpruner) shift; exec "${PY[@]}" -m shared.demo_segpruner --out outputs/segpruner_demo "$@" ;;
-    llava) shift; exec "${PY[@]}" -m shared.demo "$@" ;;
+    segpruner) shift; exec "${PY[@]}" -m shared.apps.demo_segpruner --out outputs/segpruner_demo "$@" ;;
+    llava) shift; exec "${PY[@]}" -m shared.apps.demo "$@" ;;
     all)
         [ $# -le 1 ] || { echo "usage: scripts/demo.sh [segpruner|llava [ARGS...]]" >&2; exit 2; }
-        "${PY[@]}" -m shared.demo_segpruner --out outputs/segpruner_demo
+        "${PY[@]}" -m shared.apps.demo_segpruner --out outputs/segpruner_demo
         echo
-        "${PY[@]}" -m shared.demo ;;
+        "${PY[@]}" -m shared.apps.demo ;;
     *) echo "usage: scripts/demo.sh [segpruner|llava [ARGS...]]" >&2; exit 2 ;;
 esac

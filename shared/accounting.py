@@ -95,7 +95,7 @@ def prefill_flops(tokens_per_layer: Sequence[float], dims: DecoderDims, conv: Fl
 
 
 def ranking_flops(tokens_at_rank: Sequence[float], dims: DecoderDims, conv: FlopsConvention, query_rows: int = 1) -> float:
-    """Extra cost of ranking from a layer's q/k (PDrop/FastV/LVLM_CSP scores, ``shared.engine.probe``), per
+    """Extra cost of ranking from a layer's q/k (PDrop/FastV/LVLM_CSP scores, ``shared.engine.llm_attention``), per
     scoring point over n tokens: the K projection of the n tokens (n·d·d_kv), the Q projection of the
     query rows (q·d²) and their logits against the n keys (q·n·d)."""
     d = dims.hidden

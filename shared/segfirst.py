@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clustering import SegFirstSelection, seg_first_tokens
+from .methods.lvlm_csp_clustering import SegFirstSelection, seg_first_tokens
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 

@@ -9,7 +9,7 @@ import torch
 from shared import FastV, PyramidDrop
 from shared.accounting import CONVENTIONS, DIMS, DecoderDims, Efficiency, FlopsConvention, from_stats, layer_flops, n_avg, prefill_flops, pruning_ratio, ranking_flops, stage_schedule
 from shared.engine import PrefillStats
-from shared.paper_tables import all_rows
+from shared.apps.paper_tables import all_rows
 
 
 def test_layer_flops_formula_variants_by_hand():
@@ -57,13 +57,11 @@ def test_published_n_avg_are_reproduced_exactly():
 def test_published_csp_tflops_lie_within_the_prompt_length_range():
     """No text length is fitted: each printed TFLOPs figure must lie between our figures at the shortest
     and the longest plausible prompt (monotone in T), give or take half a unit of its last printed digit."""
-    import csv
-
+    from shared import paper_figures
     from shared.accounting import stage_schedule as sched
-    from shared.paper_tables import CSP_DIMS, DEFAULT_TABLES
+    from shared.apps.paper_tables import CSP_DIMS
 
-    with open(f"{DEFAULT_TABLES}/lvlm_csp.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["tflops"]]
+    rows = [r for r in paper_figures.load("lvlm_csp") if r["tflops"]]
     assert len(rows) >= 14
     for r in rows:
         n, layers = int(r["image_tokens"]), int(r["layers"])
@@ -84,10 +82,10 @@ def test_rows_are_flagged_only_when_off_the_published_figure(tmp_path):
     with a figure 0.1 TFLOPs off is flagged with the T it would need."""
     import shutil
 
-    from shared.paper_tables import DEFAULT_TABLES
+    from shared import paper_figures
 
     for name in ("fast3d.csv", "adatoken3d.csv", "segpruner.csv"):
-        shutil.copy(f"{DEFAULT_TABLES}/{name}", tmp_path / name)
+        shutil.copy(f"{paper_figures.folder()}/{name}", tmp_path / name)
     # (8,64,6,16) at 7B dims, T = 62: per layer n = 126 (x8), 318 (x6), 78 (x18), written out by hand
     d, m = 4096, 11008
     f = lambda n: 2 * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)  # noqa: E731

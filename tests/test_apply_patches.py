@@ -453,7 +453,7 @@ def test_lisa_eval_help_needs_no_gpu(lisa_eval_copy, flag):
     assert "NGPUS" in r.stdout and not any(line.startswith("#") for line in r.stdout.splitlines())
     # ... then the driver's argparse help
     assert "usage: eval_seg.py" in r.stdout
-    for opt in ("--version VERSION", "--dataset-dir DATASET_DIR", "--csp-preset CSP_PRESET", "--out OUT"):
+    for opt in ("--version VERSION", "--dataset-dir DATASET_DIR", "--method-args", "--preset", "--out OUT"):
         assert opt in r.stdout
 
 

@@ -1,10 +1,10 @@
-"""LVLM_CSP clustering-stage selectors (shared.clustering): hand-computed patterns and the Eq. 5 rule."""
+"""LVLM_CSP clustering-stage selectors (shared.methods.lvlm_csp_clustering): hand-computed patterns and the Eq. 5 rule."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shared.clustering import (
+from shared.methods.lvlm_csp_clustering import (
     SegFirstSelection,
     cls_tokens,
     eq5_quotas,

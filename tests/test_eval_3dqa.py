@@ -90,25 +90,36 @@ def world(tmp_path_factory):
 
 def argv(w, out, *extra, task="scanqa"):
     return [task, "--backend", "hf", "--model-path", w["model"], "--data-root", w[task], "--frames-root", w["frames"],
-            "--output-dir", str(out), "--num-views", "4", "--max-new-tokens", "3", "--device", "cpu",
-            "--dtype", "float32", "--attn", "eager", "--use-java", "no", *extra]
+            "--out", str(out), "--num-views", "4", "--max-new-tokens", "3", "--device", "cpu",
+            "--dtype", "float32", "--attn", "eager", "--use-java", "no", "--no-progress", *extra]
 
 
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "predictions.jsonl").read_text().splitlines()]
+def seg(*fields):
+    return ("--method", "segpruner", "--method-args", *fields)
+
+
+T6 = seg("tokens=6", "important_ratio=0.5", "lam=0.5")
+
+
+def records(out, task="scanqa"):
+    return [json.loads(line) for line in (Path(out) / f"{task}.jsonl").read_text().splitlines()]
+
+
+def summary(out):
+    return json.loads((Path(out) / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def pruned_run(world):
     out = world["base"] / "run_t6"
-    assert ev.main(argv(world, out, "--tokens", "6", "--ratio", "0.5", "--lam", "0.5")) == 0
+    assert ev.main(argv(world, out, *T6)) == 0
     return out
 
 
-def qwen2_7b_tflops(n_vis, n_text):
-    """Σ over 28 layers of 4nd² + 2n²d + 2ndm (d = 3584, m = 18944), in TFLOPs."""
-    n, d, m = n_vis + n_text, 3584, 18944
-    return 28 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m) / 1e12
+def tiny_tflops(tokens_per_layer):
+    """Σ over the tiny decoder's layers of 4nd² + 2n²d + 2ndm (d = 64, m = 128), in TFLOPs."""
+    d, m = 64, 128
+    return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in tokens_per_layer) / 1e12
 
 
 def test_scanqa_run_records_tokens_flops_and_metrics(world, pruned_run):
@@ -120,31 +131,56 @@ def test_scanqa_run_records_tokens_flops_and_metrics(world, pruned_run):
               "<image><image><image><image>What is on the floor? \n\n<|im_end|>\n<|im_start|>assistant\n")
     n_text = len(world["tok"](prompt, add_special_tokens=False)["input_ids"]) - 4
     r = recs[0]
-    assert r["kept_per_view"] == [6, 6, 6, 6] and r["visual_tokens"] == 4 * 7 and r["text_tokens"] == n_text
-    assert r["prefill_tflops"] == pytest.approx(qwen2_7b_tflops(28, n_text), rel=1e-12)
-    assert r["prefill_tflops_exact"] > r["prefill_tflops"]
+    assert r["kept_per_view"] == [6, 6, 6, 6] and r["visual_per_layer"] == [4 * 7] * 2
+    assert r["visual_tokens"] == 4 * 17 and r["text_tokens"] == n_text
+    assert r["tflops"] == pytest.approx(tiny_tflops([28 + n_text] * 2), rel=1e-12)
+    assert r["tflops_exact"] > r["tflops"] and r["pruning_ratio"] == pytest.approx(1 - 28 / 68)
     assert r["latency_s"] > 0 and 0 < r["ttft_s"] <= r["latency_s"] and 1 <= r["new_tokens"] <= 3
     assert r["answers"] == ["box"] and isinstance(r["prediction"], str)
-    m = json.loads((pruned_run / "metrics.json").read_text())
-    assert m["n"] == 3 and m["metrics"]["official"] is False and "BLEU-1 (non-official)" in m["metrics"]
-    assert m["efficiency"]["kept_per_view"] == 6 and m["efficiency"]["reduction_pct"] == pytest.approx(100 * (1 - 6 / 16))
+    b = summary(pruned_run)["benchmarks"]["scanqa"]
+    m = b["metrics"]
+    assert b["n"] == 3 and b["skipped"] == 0 and m["official"] is False and "BLEU-1 (non-official)" in m
+    assert m["kept_per_view"] == 6 and m["reduction_pct"] == pytest.approx(100 * (1 - 6 / 16))
     table = (pruned_run / "table.md").read_text()
-    assert "| + SeGPruner T=6 r=0.5 λ=0.5 per_view | 6.0 | 62.5 |" in table
-    assert (pruned_run / "table.csv").read_text().splitlines()[0].startswith("Method,Tokens/view")
+    assert "| LLaVA-OV + SeGPruner(tokens=6, important_ratio=0.5) | custom | 6.0 | 62.5 |" in table
+    assert (pruned_run / "table.csv").read_text().splitlines()[0].startswith("Method,Protocol,Tokens/view")
 
 
 def test_keeping_every_token_matches_the_unpruned_run(world):
     base, full = world["base"] / "run_none", world["base"] / "run_all"
-    assert ev.main(argv(world, base, "--method", "none")) == 0
-    assert ev.main(argv(world, full, "--tokens", "16", "--ratio", "1.0")) == 0
+    assert ev.main(argv(world, base)) == 0
+    assert ev.main(argv(world, full, *seg("tokens=16", "important_ratio=1.0"))) == 0
     a, b = records(base), records(full)
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
-    assert [r["visual_tokens"] for r in a] == [r["visual_tokens"] for r in b] == [4 * 17] * 3
+    assert [r["visual_per_layer"] for r in a] == [r["visual_per_layer"] for r in b] == [[4 * 17] * 2] * 3
     assert a[0]["kept_per_view"] == [16] * 4
     out = world["base"] / "table"
     assert ev.main(["table", str(base), str(world["base"] / "run_t6"), "--out", str(out)]) == 0
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[2].startswith("| LLaVA-OV (unpruned) | 16.0 | 0.0 |") and lines[3].startswith("| + SeGPruner T=6")
+    assert lines[2].startswith("| LLaVA-OV (unpruned) | custom | 16.0 | 0.0 |")
+    assert lines[3].startswith("| LLaVA-OV + SeGPruner(tokens=6")
+
+
+def test_any_method_the_host_supports_runs_and_stacks(world):
+    out = world["base"] / "run_fastv"
+    assert ev.main(argv(world, out, "--pre", "segpruner", "--pre-args", "tokens=6", "important_ratio=0.5",
+                        "--method", "fastv", "--method-args", "layer=1", "keep=10")) == 0
+    r = records(out)[0]
+    assert r["kept_per_view"] == [6] * 4 and r["visual_per_layer"] == [28, 10]
+    with pytest.raises(SystemExit):  # a bad field is refused naming it
+        ev.main(argv(world, world["base"] / "bad", "--method", "fastv", "--method-args", "layer=1", "keep=-3"))
+    with pytest.raises(ValueError, match=r"^method: prumerge needs 'cls_token'"):
+        ev.main(argv(world, world["base"] / "bad2", "--method", "prumerge"))
+
+
+def test_paper_preset_is_recorded_and_printed(world):
+    out = world["base"] / "run_paper"
+    assert ev.main(argv(world, out, "--preset", "paper", "--method-args", "tokens=6", "important_ratio=0.0",
+                        "lam=0.5", "mode=per_view", "--dtype", "float32")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["padding"], run["frame_rule"], run["compat_released_geometry"]) == ("black", "released", True)
+    assert run["protocol"] == "paper*"  # --method-args and --dtype override the preset's
+    assert "| paper* |" in (out / "table.md").read_text()
 
 
 def test_resume_after_an_interrupted_run_without_duplicates(world, pruned_run, monkeypatch):
@@ -160,23 +196,45 @@ def test_resume_after_an_interrupted_run_without_duplicates(world, pruned_run, m
 
     monkeypatch.setattr(ev.HFBackend, "answer", flaky)
     with pytest.raises(KeyboardInterrupt):
-        ev.main(argv(world, out, "--tokens", "6", "--ratio", "0.5"))
-    first = (out / "predictions.jsonl").read_text()
+        ev.main(argv(world, out, *T6))
+    first = (out / "scanqa.jsonl").read_text()
     assert len(first.splitlines()) == 1
-    with open(out / "predictions.jsonl", "a") as fh:  # a crash in the middle of writing the next line
-        fh.write('{"question_id": "q1", "predic')
+    with open(out / "scanqa.jsonl", "a") as fh:  # a crash in the middle of writing the next line
+        fh.write('{"key": "q1", "predic')
     calls.clear()
     monkeypatch.setattr(ev.HFBackend, "answer", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     with pytest.warns(RuntimeWarning, match="truncated record"):
-        assert ev.main(argv(world, out, "--tokens", "6", "--ratio", "0.5")) == 0
+        assert ev.main(argv(world, out, *T6)) == 0
     assert len(calls) == 2  # q0 was not redone
-    text = (out / "predictions.jsonl").read_text()
+    text = (out / "scanqa.jsonl").read_text()
     assert text.startswith(first)
     recs = records(out)
     assert [r["question_id"] for r in recs] == ["q0", "q1", "q2"]
     assert [r["prediction"] for r in recs] == [r["prediction"] for r in records(pruned_run)]
-    with pytest.raises(SystemExit, match="^--output-dir: .*other settings .*'tokens': \\(6, 5\\)"):
-        ev.main(argv(world, out, "--tokens", "5", "--ratio", "0.5"))
+    with pytest.raises(ValueError, match=r"^out: .*other settings .*'methods'"):
+        ev.main(argv(world, out, *seg("tokens=5", "important_ratio=0.5", "lam=0.5")))
+    with pytest.raises(ValueError, match=r"^out: .*other settings .*'seed': \(0, 1\)"):
+        ev.main(argv(world, out, *T6, "--seed", "1"))
+    with pytest.raises(ValueError, match=r"^out: .*other settings .*'dtype'"):
+        ev.main(argv(world, out, *T6, "--dtype", "bfloat16"))
+
+
+def test_on_error_skip_records_the_reason_and_counts_it(world, tmp_path):
+    bad = tmp_path / "scanqa.json"
+    rows = json.loads(Path(world["scanqa"]).read_text())
+    rows.insert(1, dict(rows[0], question_id="qx", scene_id="scene9999_00"))  # no such scene folder
+    bad.write_text(json.dumps(rows))
+    w = dict(world, scanqa=str(bad))
+    with pytest.raises(FileNotFoundError, match="^--frames-root: no folder for scene 'scene9999_00'"):
+        ev.main(argv(w, tmp_path / "raise", *T6))
+    out = tmp_path / "skip"
+    assert ev.main(argv(w, out, *T6, "--on-error", "skip")) == 0
+    recs = records(out)
+    assert [r["key"] for r in recs] == ["q0", "qx", "q1", "q2"]
+    assert recs[1]["skipped"].startswith("FileNotFoundError: --frames-root: no folder for scene 'scene9999_00'")
+    b = summary(out)["benchmarks"]["scanqa"]
+    assert b["n"] == 3 and b["skipped"] == 1 and "qx" in b["skipped_reasons"]
+    assert (out / "table.md").read_text().splitlines()[2].rstrip().endswith("| 1 |")
 
 
 def test_sharded_run_merges_in_dataset_order(world, pruned_run, monkeypatch, capsys):
@@ -186,17 +244,17 @@ def test_sharded_run_merges_in_dataset_order(world, pruned_run, monkeypatch, cap
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "0" if rank == 0 else "1")
         monkeypatch.delenv("MASTER_ADDR", raising=False)
-        assert ev.main(argv(world, out, "--tokens", "6", "--ratio", "0.5")) == 0
-        assert "run again with --merge" in capsys.readouterr().out
-    assert not (out / "predictions.jsonl").exists()
-    assert [r["question_id"] for r in records_of(out / "predictions.rank00000-of-00002.jsonl")] == ["q0", "q1"]
+        assert ev.main(argv(world, out, *T6)) == 0
+        assert "run again with --merge-only" in capsys.readouterr().out
+    assert not (out / "scanqa.jsonl").exists()
+    assert [r["question_id"] for r in records_of(out / "scanqa.rank00000-of-00002.jsonl")] == ["q0", "q1"]
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k)
-    assert ev.main(argv(world, out, "--tokens", "6", "--ratio", "0.5", "--merge")) == 0
+    assert ev.main(argv(world, out, *T6, "--merge-only")) == 0
     merged = records(out)
     assert [r["question_id"] for r in merged] == ["q0", "q1", "q2"]
     assert [r["prediction"] for r in merged] == [r["prediction"] for r in records(pruned_run)]
-    assert json.loads((out / "metrics.json").read_text())["n"] == 3
+    assert summary(out)["benchmarks"]["scanqa"]["n"] == 3
 
 
 def records_of(path):
@@ -205,16 +263,28 @@ def records_of(path):
 
 def test_openeqa_per_scene_with_offline_proxies(world):
     out = world["base"] / "run_openeqa"
-    assert ev.main(argv(world, out, "--tokens", "20", "--ratio", "0.25", "--mode", "per_scene", task="openeqa")) == 0
-    recs = records(out)
+    assert ev.main(argv(world, out, *seg("tokens=20", "important_ratio=0.25", "mode=per_scene"), task="openeqa")) == 0
+    recs = records(out, "openeqa")
     assert [(r["question_id"], r["source"]) for r in recs] == [("e0", "scannet"), ("e1", "hm3d")]
     assert recs[1]["answers"] == ["two", "2"] and recs[1]["extra_answers"] == ["2"]
+    assert recs[0]["extra_answers"] is None  # absent, not an empty list: the judge's plain prompt
     for r in recs:
-        assert sum(r["kept_per_view"]) == 20 and r["visual_tokens"] == 20 + 4
-    m = json.loads((out / "metrics.json").read_text())["metrics"]
+        assert sum(r["kept_per_view"]) == 20 and r["visual_per_layer"][0] == 20 + 4
+    m = summary(out)["benchmarks"]["openeqa"]["metrics"]
     assert m["metric"] == "offline proxy" and "not LLM-Match" in m["label"]
     assert {"proxy-EM All", "proxy-EM ScanNet", "proxy-EM HM3D"} <= set(m)
-    assert "| Method | Tokens/view | Reduction % | ScanNet | HM3D | All |" in (out / "table.md").read_text()
+    assert "| Method | Protocol | Tokens/view | Reduction % | ScanNet | HM3D | All |" in (out / "table.md").read_text()
+
+
+def test_an_empty_extra_answers_list_stays_a_list(tmp_path):
+    """OpenEQA's judge uses its extra-answers prompt whenever the field exists, even empty."""
+    f = tmp_path / "q.json"
+    f.write_text(json.dumps([{"question_id": "a", "question": "Q?", "answer": "x", "category": "c",
+                              "episode_history": "scannet-v0/s", "extra_answers": []},
+                             {"question_id": "b", "question": "Q?", "answer": "x", "category": "c",
+                              "episode_history": "scannet-v0/s"}]))
+    items = ev.load_items("openeqa", str(f))
+    assert items[0].extra["extra_answers"] == [] and items[1].extra["extra_answers"] is None
 
 
 def test_prompt_and_judge_parsing():
@@ -226,5 +296,5 @@ def test_prompt_and_judge_parsing():
     with pytest.raises(ValueError, match="^--judge: "):
         ev.parse_judge("gpt4")
     with pytest.raises(SystemExit):
-        ev.parse_args(["scanqa", "--model-path", "m", "--data-root", "d", "--frames-root", "f", "--output-dir", "o",
-                       "--tokens", "8", "--ratio", "1.5"])
+        ev.parse_args(["scanqa", "--model-path", "m", "--data-root", "d", "--frames-root", "f", "--out", "o",
+                       "--method", "segpruner", "--method-args", "tokens=8", "important_ratio=1.5"])

@@ -256,7 +256,7 @@ def test_a_reducer_stacks_with_an_in_llm_method_and_the_accounting_covers_both()
 
 
 def test_demo_main_job_runs(capsys):
-    from shared.demo import main
+    from shared.apps.demo import main
 
     assert main(["--repeats", "1", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out

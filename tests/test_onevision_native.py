@@ -244,7 +244,7 @@ def test_errors_name_the_parameter(model):
 
 def test_demo_runs_and_writes_the_figures(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from shared.demo_segpruner import main
+    from shared.apps.demo_segpruner import main
 
     assert main(["--out", str(tmp_path), "--views", "3", "--tokens", "20", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.clustering import seg_first_tokens, uniform_tokens
+from shared.methods.lvlm_csp_clustering import seg_first_tokens, uniform_tokens
 from shared.segfirst import (
     CallableMaskSource,
     YoloMaskSource,

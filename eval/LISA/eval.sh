@@ -14,7 +14,8 @@
 # Examples (see eval/LISA/README.md):
 #   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/none
 #   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/csp \
-#       --prune csp --csp-preset 7b-224/8-64-6-16 --csp-cluster uniform
+#       --method lvlm_csp --method-args preset=7b-224/8-64-6-16 clustering=uniform
+#   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/paper --preset paper
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -5,32 +5,32 @@ A standalone replacement for ``train_ds.py --eval_only`` (no deepspeed, no Hybri
 wrap): one process per GPU loads the merged LISA checkpoint as ``chat.py`` does, builds LISA's own
 ``ValDataset`` + ``collate_fn`` exactly as ``train_ds.py`` does, and runs ``model(**input_dict)``
 (teacher-forced ``model_forward(inference=True)``: one forward over prompt + ``[SEG].</s>`` for all
-expressions of an image) with the pruning configuration passed as ``pruner=`` (the patched
-``model/LISA.py`` hands it to ``shared.hosts.lisa``). Needs the LISA submodule with
+expressions of an image) inside ``shared.prune(model, *methods, host="lisa")`` (the patched
+``model/LISA.py`` reports the spliced sequence to the session). Needs the LISA submodule with
 ``patches/LISA`` applied (``scripts/apply_patches.sh LISA``).
+
+This file holds only what is LISA's: data (ValDataset splits), the model call and the metric
+(gIoU/cIoU as LISA's ``validate``). Methods by name, protocol presets, run settings, resume, sharding,
+progress, ``--on-error skip`` and the accounting come from ``shared.evalkit``.
+
+    python eval/LISA/eval_seg.py --version xinlai/LISA-7B-v1 --dataset-dir ./dataset --out out/csp \\
+        --method lvlm_csp --method-args preset=7b-224/8-64-6-16 clustering=cls
+    python eval/LISA/eval_seg.py --preset paper --version ... --dataset-dir ... --out out/paper
+    python eval/LISA/eval_seg.py table --runs out/none out/csp out/fastv --out out/table
 
 Per expression (key ``<image id>:<sentence index>``) one JSONL record: LISA's per-class intersection
 and union, the foreground IoU, the visual tokens each decoder layer saw, N_avg, and prefill TFLOPs
-(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T. Runs resume
-(finished expressions are skipped), shard over ``torchrun``/``accelerate`` ranks, and merge
-deterministically. gIoU ("mIoU" in the LVLM_CSP paper) and cIoU are LISA's ``validate`` formulas.
-
-    python eval/LISA/eval_seg.py --version xinlai/LISA-7B-v1 --dataset-dir ./dataset --out out/csp \\
-        --prune csp --csp-preset 7b-224/8-64-6-16 --csp-cluster uniform
-    python eval/LISA/eval_seg.py table --runs out/none out/csp out/fastv --out out/table
+(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -38,18 +38,22 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from shared.accounting import CONVENTIONS, DIMS, DecoderDims, from_stats, prefill_flops  # noqa: E402
-from shared.hosts.lisa import QUERIES, LisaPruner, LisaRecord  # noqa: E402
+from shared import evalkit  # noqa: E402
+from shared.accounting import CONVENTIONS, DIMS, DecoderDims, prefill_flops  # noqa: E402
+from shared.hosts.lisa import QUERIES  # noqa: E402
 from shared.metrics.segmentation import SegmentationMeter, expression_iou, intersection_union  # noqa: E402
-from shared.runio import ResultWriter, dist_info, merge_shards, read_results, shard_path, shard_paths, shard_slice  # noqa: E402
+from shared.runio import dist_info  # noqa: E402
 
-PRUNE_CHOICES = ("none", "csp", "fastv", "pdrop", "prumerge", "prumerge_plus", "visionzip")
 DEFAULT_VAL = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val", "ReasonSeg|val")
-#: LVLM_CSP's TFLOPs are reproduced with T = 62 text tokens (7B-224, 13B-224) and 59 (7B-336).
+#: LVLM_CSP's TFLOPs are printed at a fixed text length the paper does not state; T = 62 reproduces its
+#: 224-px rows (see shared.paper_tables), a RefCOCO prompt has 59-70 text tokens.
 PAPER_TEXT_TOKENS = 62
-CONVENTION = CONVENTIONS["lvlm_csp"]
-KEY = "key"
 MARKER = "shared_lisa"  # present in the patched model/LISA.py
+#: ``--preset``: the LVLM_CSP paper's main setting on LISA-7B at 224 px (Table 1), bf16 as chat.py.
+PRESETS = {
+    "paper": {"method": "lvlm_csp", "method_args": ["preset=7b-224/8-64-6-16"], "precision": "bf16",
+              "query": "pre_seg", "image_size": 1024, "conv_type": "llava_v1"},
+}
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -112,28 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa-root", default=str(REPO / "LISA"), help="the patched LISA checkout (default: the submodule)")
     g.add_argument("--device", default=None, help="default cuda:<LOCAL_RANK>")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (smoke runs)")
+    g.add_argument("--seed", type=int, default=0, help="torch's global seed (methods take their own seed=)")
 
-    g = p.add_argument_group("pruning")
-    g.add_argument("--prune", default="none", choices=PRUNE_CHOICES)
+    evalkit.add_method_args(p)
+    g = p.add_argument_group("LISA host options (shared.hosts.lisa)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the paper's protocol (see PRESETS)")
     g.add_argument("--query", default="pre_seg", choices=QUERIES,
                    help="scoring query of FastV/PDrop: the token before [SEG] (last prompt token), [SEG], or </s>")
-    g.add_argument("--csp-preset", default=None, help="e.g. 7b-224/8-64-6-16 (shared.methods.lvlm_csp.PRESETS)")
-    g.add_argument("--csp", nargs=4, type=int, metavar=("LC", "NC", "LS", "NP"), default=None)
-    g.add_argument("--csp-cluster", default="uniform", choices=("random", "uniform", "cls", "seg_first"))
-    g.add_argument("--csp-uniform", default="literal", choices=("literal", "grid"))
-    g.add_argument("--seg-query", default="seg", choices=("seg", "pre_seg"))
-    g.add_argument("--yolo-weights", default=None, help="local yolo11n-seg.pt (Seg-First; never downloaded)")
+    g.add_argument("--yolo-weights", default=None, help="local yolo11n-seg.pt (Seg-First masks; never downloaded)")
     g.add_argument("--yolo-device", default=None, help="default: the model's device")
     g.add_argument("--mask-threshold", type=float, default=0.5, help="Seg-First patch coverage threshold")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fastv-k", type=int, default=2)
-    g.add_argument("--fastv-r", type=int, default=64)
-    g.add_argument("--fastv-ratio", type=float, default=None, help="instead of --fastv-r: R/N")
-    g.add_argument("--pdrop-layers", nargs="+", type=int, default=[8, 16, 24])
-    g.add_argument("--pdrop-ratio", type=float, default=0.5)
-    g.add_argument("--visionzip-tokens", type=int, default=64, choices=(64, 128, 192))
-    g.add_argument("--prumerge-fixed-ratio", type=float, default=None,
-                   help="non-adaptive PruMerge(+) keeping this fraction (default: the adaptive IQR rule)")
 
     g = p.add_argument_group("output and accounting")
     g.add_argument("--out", required=True, help="run directory (results, summary.json, table.md/.csv)")
@@ -141,113 +133,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder dims for TFLOPs (auto: from the checkpoint's config)")
     g.add_argument("--paper-t", type=int, default=PAPER_TEXT_TOKENS,
                    help="fixed text tokens T of the paper-style TFLOPs column")
+    g.add_argument("--on-error", default="raise", choices=evalkit.runner.ON_ERROR,
+                   help="skip: record an image that fails (e.g. a missing file) with the reason and go on")
     g.add_argument("--merge-only", action="store_true",
                    help="only merge the shard files of a finished multi-process run and write the summary")
     g.add_argument("--no-progress", action="store_true")
     return p
 
 
-# ------------------------------------------------------------------------------------- pruning
-def build_pruner(args: argparse.Namespace, device: Optional[str] = None) -> Tuple[LisaPruner, str, str]:
-    """(LisaPruner, method name, configuration string) from the CLI flags."""
-    prune = args.prune
-    if prune == "none":
-        return LisaPruner(), "LISA", "-"
-    if prune == "csp":
-        from shared.methods.lvlm_csp import LVLMCSP, preset
-
-        opts = dict(clustering=args.csp_cluster, uniform_layout=args.csp_uniform, seed=args.seed, seg_query=args.seg_query)
-        if args.csp is not None and args.csp_preset is not None:
-            raise ValueError("csp/csp_preset: give one of --csp LC NC LS NP or --csp-preset")
-        if args.csp is not None:
-            method = LVLMCSP(*args.csp, **opts)
-        else:
-            method = preset(args.csp_preset or "7b-224/8-64-6-16", **opts)
-        mask_source = None
-        if args.csp_cluster == "seg_first":
-            if not args.yolo_weights:
-                raise ValueError("yolo_weights: --csp-cluster seg_first needs --yolo-weights <local yolo11n-seg.pt>")
-            from shared.segfirst import YoloMaskSource
-
-            mask_source = YoloMaskSource(weights=args.yolo_weights, device=args.yolo_device or device or "cpu")
-        lc, nc, ls, np_ = method.paper_tuple
-        config = f"({lc},{nc},{ls},{np_}) {args.csp_cluster}"
-        if args.csp_cluster == "uniform":
-            config += f"/{args.csp_uniform}"
-        if args.seg_query != "seg":
-            config += f" q={args.seg_query}"
-        pruner = LisaPruner(method=method, mask_source=mask_source, query=args.query, mask_threshold=args.mask_threshold)
-        return pruner, "LVLM_CSP", config
-    if prune == "fastv":
-        from shared.methods.fastv import FastV
-
-        if args.fastv_ratio is not None:
-            method = FastV(layer=args.fastv_k, keep_ratio=args.fastv_ratio)
-            config = f"K={args.fastv_k} R={args.fastv_ratio:g}N"
-        else:
-            method = FastV(layer=args.fastv_k, keep=args.fastv_r)
-            config = f"K={args.fastv_k} R={args.fastv_r}"
-        return LisaPruner(method=method, query=args.query), "FastV", config + _query_note(args.query)
-    if prune == "pdrop":
-        from shared.methods.pyramid_drop import PyramidDrop
-
-        method = PyramidDrop(layers=tuple(args.pdrop_layers), ratio=args.pdrop_ratio)
-        config = f"layers={','.join(map(str, method.layers))} λ={args.pdrop_ratio:g}"
-        return LisaPruner(method=method, query=args.query), "PyramidDrop", config + _query_note(args.query)
-    if prune in ("prumerge", "prumerge_plus"):
-        from shared.methods.prumerge import PruMerge, PruMergePlus
-
-        cls = PruMergePlus if prune == "prumerge_plus" else PruMerge
-        if args.prumerge_fixed_ratio is not None:
-            reducer = cls(adaptive=False, reduction_ratio=args.prumerge_fixed_ratio)
-            config = f"ratio={args.prumerge_fixed_ratio:g}"
-        else:
-            reducer = cls()
-            config = "adaptive (IQR)"
-        return LisaPruner(reducer=reducer), "PruMerge+" if prune == "prumerge_plus" else "PruMerge", config
-    if prune == "visionzip":
-        from shared.methods.visionzip import VisionZip
-
-        reducer = VisionZip(tokens=args.visionzip_tokens)
-        return LisaPruner(reducer=reducer), "VisionZip", f"{reducer.dominant}+{reducer.contextual}"
-    raise ValueError(f"prune: expected one of {PRUNE_CHOICES}, got {prune!r}")
-
-
-def _query_note(query: str) -> str:
-    return "" if query == "pre_seg" else f" q={query}"
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
+    return args
 
 
 # -------------------------------------------------------------------------------------- dataset
-@dataclass(frozen=True)
-class Expression:
-    """One expression of a ValDataset image: its result key and text (in ValDataset's order)."""
-
-    key: str
-    image_id: Any
-    sent_idx: int
-    sentence: str
-
-
-def expression_keys(dataset: Any, idx: int) -> List[Expression]:
-    """The expressions ``ValDataset[idx]`` yields, in its order, without loading the image.
-
-    refer_seg: every sentence of every ref of the image (``img2refs`` order), lowercased and stripped
-    as ValDataset does; ReasonSeg: the first sentence only (image id = the file stem).
-    """
+def expression_keys(dataset: Any, idx: int) -> List[Dict[str, Any]]:
+    """The expressions ``ValDataset[idx]`` yields, in its order, without loading the image: key, image
+    id, sentence index and text (refer_seg: every sentence of every ref of the image, lowercased and
+    stripped as ValDataset does; ReasonSeg: the first sentence only, image id = the file stem)."""
     if dataset.data_type == "refer_seg":
         ds = dataset.refer_seg_ds
-        info = ds["images"][idx]
-        image_id = info["id"]
+        image_id = ds["images"][idx]["id"]
         sents = [s["sent"].strip().lower() for ref in ds["img2refs"][image_id] for s in ref["sentences"]]
-        return [Expression(f"{image_id}:{j}", image_id, j, s) for j, s in enumerate(sents)]
-    path = dataset.images[idx]
-    stem = Path(path).stem
-    return [Expression(f"{stem}:0", stem, 0, "")]
+        return [{"key": f"{image_id}:{j}", "image_id": image_id, "sent_idx": j, "sentence": s}
+                for j, s in enumerate(sents)]
+    stem = Path(dataset.images[idx]).stem
+    return [{"key": f"{stem}:0", "image_id": stem, "sent_idx": 0, "sentence": ""}]
 
 
-def all_expressions(dataset: Any, limit: Optional[int] = None) -> List[Tuple[int, List[Expression]]]:
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return [(i, expression_keys(dataset, i)) for i in range(n)]
+def image_path(dataset: Any, idx: int) -> str:
+    """The file ValDataset will read for item ``idx``."""
+    if dataset.data_type == "refer_seg":
+        return dataset.refer_seg_ds["images"][idx]["file_name"]
+    return dataset.images[idx]
 
 
 def to_device(batch: Dict[str, Any], device: Any, image_dtype: torch.dtype) -> Dict[str, Any]:
@@ -266,290 +186,122 @@ def to_device(batch: Dict[str, Any], device: Any, image_dtype: torch.dtype) -> D
     return out
 
 
-# ----------------------------------------------------------------------------------- evaluation
-def row_efficiency(record: LisaRecord, dims: DecoderDims, paper_t: int) -> List[Dict[str, Any]]:
-    """Per expression row: visual tokens per layer, text tokens, N_avg, TFLOPs (measured and at T)."""
-    effs = from_stats(record.stats, dims, CONVENTION)
-    rows = []
-    for b, e in enumerate(effs):
-        vis = [int(v) for v in e.visual_per_layer]
-        rows.append(
-            {
-                "visual_per_layer": vis,
-                "text_tokens": int(e.text_tokens),
-                "image_tokens": int(record.image_tokens),
-                "n_avg": e.n_avg,
-                "tflops": e.tflops,
-                "tflops_paper_t": prefill_flops([v + paper_t for v in vis], dims, CONVENTION) / 1e12,
-                "selected": None if record.selected is None else int(record.selected[b]),
-            }
-        )
-    return rows
+class LisaSplit(evalkit.Benchmark):
+    """One ValDataset split: a job per image (all its expressions in one teacher-forced forward)."""
 
+    def __init__(self, val: str, dataset: Any, collate: Any, model: Any, methods: Sequence[Any],
+                 host_options: Dict[str, Any], device: Any, image_dtype: torch.dtype, limit: Optional[int]) -> None:
+        self.name, self.title = dataset_tag(val), dataset_title(val)
+        self.val, self.dataset, self.collate = val, dataset, collate
+        self.model, self.methods, self.host_options = model, list(methods), host_options
+        self.device, self.image_dtype, self.limit = device, image_dtype, limit
 
-def evaluate_dataset(
-    model: Callable[..., Dict[str, Any]],
-    dataset: Any,
-    collate: Callable[[List[Any]], Dict[str, Any]],
-    pruner: LisaPruner,
-    writer: ResultWriter,
-    items: Sequence[Tuple[int, List[Expression]]],
-    dims: DecoderDims,
-    device: Any = "cpu",
-    image_dtype: torch.dtype = torch.float32,
-    paper_t: int = PAPER_TEXT_TOKENS,
-    progress: bool = True,
-    desc: str = "",
-) -> int:
-    """Run the model on the images of ``items`` whose expressions are not all in ``writer`` yet and
-    write one record per missing expression. Returns the number of records written."""
-    from tqdm import tqdm
+    def jobs(self) -> List[evalkit.Job]:
+        n = len(self.dataset) if self.limit is None else min(self.limit, len(self.dataset))
+        out = []
+        for i in range(n):
+            exprs = expression_keys(self.dataset, i)
+            out.append(evalkit.Job([e["key"] for e in exprs], payload=(i, exprs), label=image_path(self.dataset, i)))
+        return out
 
-    written = 0
-    todo_items = [(i, exprs) for i, exprs in items if any(e.key not in writer.done for e in exprs)]
-    skipped = len(items) - len(todo_items)
-    bar = tqdm(todo_items, desc=desc, disable=not progress, unit="img")
-    if skipped and progress:
-        bar.write(f"[eval_seg] {desc}: {skipped} of {len(items)} images already done (resumed)")
-    for idx, exprs in bar:
-        item = dataset[idx]
-        batch = collate([item])
+    def run(self, job: evalkit.Job) -> evalkit.JobOutput:
+        import shared
+
+        idx, exprs = job.payload
+        if not os.path.exists(job.label):
+            raise FileNotFoundError(f"image: {job.label} does not exist (item {idx} of {self.val})")
+        batch = self.collate([self.dataset[idx]])
         rows = int(batch["input_ids"].shape[0])
         if rows != len(exprs):
             raise RuntimeError(
                 f"dataset: image {idx} gave {rows} expression rows but its annotation lists {len(exprs)}; "
                 f"the key enumeration no longer matches ValDataset"
             )
-        batch = to_device(batch, device, image_dtype)
-        n_before = len(pruner.records)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(**batch, pruner=pruner)
-        if device is not None and str(device).startswith("cuda"):
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        if len(pruner.records) != n_before + 1:
-            raise RuntimeError(
-                "model: the forward did not record its token counts; is the LISA checkout patched? "
-                "(scripts/apply_patches.sh LISA)"
-            )
-        record = pruner.records.pop()
-        eff = row_efficiency(record, dims, paper_t)
-        pred = out["pred_masks"][0]
-        gt = out["gt_masks"][0]
+        batch = to_device(batch, self.device, self.image_dtype)
+        sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda *a: None)
+        with torch.no_grad(), shared.prune(self.model, *self.methods, host="lisa", **self.host_options) as session:
+            t0 = time.perf_counter()
+            out = self.model(**batch)
+            sync()
+            seconds = time.perf_counter() - t0
+        if session.last is None:
+            raise RuntimeError("model: the forward reported nothing to the session; is the LISA checkout patched? "
+                               "(scripts/apply_patches.sh LISA)")
+        pred, gt = out["pred_masks"][0], out["gt_masks"][0]
         if pred.shape[0] != rows or gt.shape[0] != rows:
             raise RuntimeError(f"model: expected {rows} masks for image {idx}, got {pred.shape[0]} / {gt.shape[0]}")
-        image_path = batch["image_paths"][0]
+        host = session.last.host
+        clustered = _clustered(session.last)
+        records = []
         for r, e in enumerate(exprs):
-            if e.key in writer.done:
-                continue
             inter, union = intersection_union(pred[r] > 0, gt[r].int())
-            rec = {
-                KEY: e.key,
-                "image_id": e.image_id,
-                "sent_idx": e.sent_idx,
-                "sentence": e.sentence,
-                "image": os.path.basename(str(image_path)),
-                "intersection": [int(v) for v in inter],
-                "union": [int(v) for v in union],
-                "iou": float(expression_iou(inter, union)[1]),
-                "image_seconds": seconds,
-                "image_rows": rows,
-                **eff[r],
-            }
-            if record.info:
-                rec["info"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in record.info.items()}
-            writer.write(rec)
-            written += 1
-    return written
+            rec = dict(e, image=os.path.basename(job.label), intersection=[int(v) for v in inter],
+                       union=[int(v) for v in union], iou=float(expression_iou(inter, union)[1]),
+                       image_tokens=int(host["image_tokens"]), selected=clustered[r])
+            info = session.last.info[r] if session.last.info else {}
+            if info:
+                rec["info"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in info.items()}
+                if host.get("instances") is not None:
+                    rec["info"]["instances"] = host["instances"]
+            records.append(rec)
+        return evalkit.JobOutput(records, session.last, seconds)
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """gIoU/cIoU (percent, LISA's formulas), |S| of a clustering stage, Seg-First fallbacks."""
+        meter = SegmentationMeter()
+        for r in records:
+            meter.add(r["intersection"], r["union"])
+        out: Dict[str, Any] = dict(meter.summary())
+        sel = [r["selected"] for r in records if r.get("selected") is not None]
+        out["selected"] = sum(sel) / len(sel) if sel else None
+        out["image_tokens"] = evalkit.mean_of(records, "image_tokens")
+        out["tflops_paper_t"] = evalkit.mean_of(records, "tflops_paper_t")
+        infos = [r["info"] for r in records if "info" in r]
+        if infos:
+            out["seg_first_fallbacks"] = sum(1 for i in infos if i.get("fallback_used"))
+        return out
 
 
-def summarize(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """gIoU/cIoU (percent) with LISA's formulas, mean N_avg / TFLOPs, text tokens and |S|."""
-    meter = SegmentationMeter()
-    for r in records:
-        meter.add(r["intersection"], r["union"])
-    n = len(records)
-    out: Dict[str, Any] = dict(meter.summary())
-    for k in ("n_avg", "tflops", "tflops_paper_t", "text_tokens", "image_tokens"):
-        out[k] = math.fsum(float(r[k]) for r in records) / n
-    sel = [r["selected"] for r in records if r.get("selected") is not None]
-    out["selected"] = math.fsum(sel) / len(sel) if sel else None
-    fb = [r for r in records if r.get("info", {}).get("fallback_used")]
-    if any("info" in r for r in records):
-        out["seg_first_fallbacks"] = len(fb)
+def _clustered(forward: Any) -> List[Optional[int]]:
+    """Per row, |S| of an LVLM_CSP clustering stage (the visual tokens of layer 0 when fewer than the
+    spliced ones), else None."""
+    stats = forward.stats
+    out = []
+    for b in range(stats.visual.shape[0]):
+        first, spliced = int(stats.visual[b, 0]), int(forward.host.get("image_tokens", stats.visual_tokens[b]))
+        out.append(first if first < spliced and int(stats.visual[b].max()) == spliced else None)
     return out
 
 
 # -------------------------------------------------------------------------------------- tables
-def table_rows(summaries: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
-    """The LVLM_CSP paper's layout: method, config, N_avg, TFLOPs, then per dataset mIoU (gIoU), cIoU."""
-    datasets: List[str] = []
+def table(summaries: Sequence[Dict[str, Any]]):
+    """The LVLM_CSP paper's layout: method, protocol, N_avg, TFLOPs, TFLOPs@T, per dataset mIoU (gIoU) / cIoU."""
+    titles: Dict[str, str] = {}
     for s in summaries:
-        for d in s["datasets"]:
-            if d not in datasets:
-                datasets.append(d)
-    header = ["method", "config", "N_avg", "TFLOPs", f"TFLOPs@T={summaries[0]['paper_t']}" if summaries else "TFLOPs@T"]
-    for d in datasets:
-        header += [f"{dataset_title(d)} mIoU", f"{dataset_title(d)} cIoU"]
+        for name, b in s["benchmarks"].items():
+            titles.setdefault(name, b["title"])
+    t = summaries[0]["settings"]["paper_t"] if summaries else PAPER_TEXT_TOKENS
+    header = ["method", "protocol", "N_avg", "TFLOPs", f"TFLOPs@T={t}", "skipped"]
+    for name in titles:
+        header += [f"{titles[name]} mIoU", f"{titles[name]} cIoU"]
     rows = []
     for s in summaries:
-        row = [s["method"], s["config"], f"{s['n_avg']:.1f}", f"{s['tflops']:.3f}", f"{s['tflops_paper_t']:.3f}"]
-        for d in datasets:
-            m = s["datasets"].get(d)
-            row += ["" if m is None else f"{m['gIoU']:.1f}", "" if m is None else f"{m['cIoU']:.1f}"]
+        eff = s["efficiency"]
+        paper_t = evalkit.mean_of([b["metrics"] for b in s["benchmarks"].values() if b["metrics"]], "tflops_paper_t")
+        skipped = sum(b["skipped"] for b in s["benchmarks"].values())
+        row = [s["settings"]["label"], s["settings"]["protocol"], evalkit.fmt(eff["n_avg"], 1),
+               evalkit.fmt(eff["tflops"], 3), evalkit.fmt(paper_t, 3), str(skipped)]
+        for name in titles:
+            m = s["benchmarks"].get(name, {}).get("metrics")
+            row += [evalkit.fmt(None if not m else m["gIoU"], 1), evalkit.fmt(None if not m else m["cIoU"], 1)]
         rows.append(row)
-    return header, rows
-
-
-def write_tables(summaries: Sequence[Dict[str, Any]], base: Path) -> Tuple[Path, Path]:
-    header, rows = table_rows(summaries)
-    md = base.with_suffix(".md")
-    cs = base.with_suffix(".csv")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    notes = (
-        "\nmIoU = gIoU (mean per-expression IoU), cIoU = cumulative I / cumulative U (LISA's validate). "
-        "N_avg: visual tokens per decoder layer averaged over layers and expressions (the paper prints floor). "
-        "TFLOPs: 2 × Eq. 11 per expression at its measured token counts; TFLOPs@T: the same at T text tokens.\n"
-    )
-    md.write_text("\n".join(lines) + "\n" + notes, encoding="utf-8")
-    with open(cs, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return md, cs
-
-
-def run_summary(out_dir: Path, meta: Dict[str, Any], per_dataset: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """summary.json of a run: per dataset metrics and the pooled N_avg/TFLOPs over all expressions."""
-    allrec = [r for recs in per_dataset.values() for r in recs]
-    pooled = summarize(allrec) if allrec else {}
-    s = dict(meta)
-    s.update(
-        datasets={d: summarize(recs) for d, recs in per_dataset.items() if recs},
-        n_avg=pooled.get("n_avg", float("nan")),
-        tflops=pooled.get("tflops", float("nan")),
-        tflops_paper_t=pooled.get("tflops_paper_t", float("nan")),
-        expressions=len(allrec),
-    )
-    (out_dir / "summary.json").write_text(json.dumps(s, indent=1) + "\n", encoding="utf-8")
-    write_tables([s], out_dir / "table")
-    return s
-
-
-# ------------------------------------------------------------------------------------- the run
-def _check_meta(out_dir: Path, meta: Dict[str, Any], write: bool = True) -> None:
-    """Refuse to mix configurations in one run directory (run.json); rank 0 writes it."""
-    path = out_dir / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = {k: (old.get(k), meta[k]) for k in meta if old.get(k) != meta[k]}
-        if diff:
-            raise ValueError(
-                f"out: {out_dir} holds a run with another configuration {diff}; use a new --out directory"
-            )
-    elif write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def result_path(out_dir: Path, val: str) -> Path:
-    return out_dir / f"{dataset_tag(val)}.jsonl"
-
-
-def finish_dataset(out_dir: Path, val: str, order: Sequence[str], world: int) -> List[Dict[str, Any]]:
-    """The complete, ordered records of one dataset: merge the shards (world > 1) or check the file."""
-    base = result_path(out_dir, val)
-    if world > 1:
-        return merge_shards(shard_paths(base, world), base, key=KEY, order=order)
-    recs = read_results(base, KEY)
-    have = {r[KEY] for r in recs}
-    missing = [k for k in order if k not in have]
-    if missing:
-        raise ValueError(f"out: {base} lacks {len(missing)} expressions, e.g. {missing[:3]}; rerun to resume")
-    pos = {k: i for i, k in enumerate(order)}
-    return sorted(recs, key=lambda r: pos[r[KEY]])
-
-
-def run(
-    args: argparse.Namespace,
-    model: Any,
-    make_dataset: Callable[[str], Any],
-    collate: Callable[[List[Any]], Dict[str, Any]],
-    dims: DecoderDims,
-    device: Any,
-    image_dtype: torch.dtype,
-    env: Optional[Dict[str, str]] = None,
-) -> Optional[Dict[str, Any]]:
-    """Evaluate every ``--val-dataset`` on this rank's shard; on a single process (or with
-    ``--merge-only``) merge and write summary.json / table.md / table.csv. Returns the summary."""
-    info = dist_info(env)
-    out_dir = Path(args.out)
-    pruner, method_name, config = build_pruner(args, device=str(device))
-    vals = expand_val_datasets(args.val_dataset)
-    meta = {
-        "method": method_name,
-        "config": config,
-        "prune": args.prune,
-        "version": args.version,
-        "val_datasets": vals,
-        "paper_t": args.paper_t,
-        "dims": [dims.hidden, dims.intermediate, dims.layers],
-        "limit": args.limit,
-    }
-    _check_meta(out_dir, meta, write=info.is_main)
-    datasets = {val: make_dataset(val) for val in vals}  # all annotations load before any GPU work
-    per_dataset: Dict[str, List[Dict[str, Any]]] = {}
-    for val in vals:
-        dataset = datasets[val]
-        items = all_expressions(dataset, args.limit)
-        order = [e.key for _, exprs in items for e in exprs]
-        if len(set(order)) != len(order):
-            raise ValueError(f"val_dataset: {val} yields duplicate expression keys")
-        if not args.merge_only:
-            mine = shard_slice(items, info.rank, info.world_size)
-            path = shard_path(result_path(out_dir, val), info.rank, info.world_size)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with ResultWriter(path, key=KEY) as writer:
-                evaluate_dataset(
-                    model, dataset, collate, pruner, writer, mine, dims, device=device, image_dtype=image_dtype,
-                    paper_t=args.paper_t, progress=not args.no_progress,
-                    desc=f"{val} [{info.rank + 1}/{info.world_size}]",
-                )
-        if args.merge_only or info.world_size == 1:
-            world = info.world_size if not args.merge_only else _shard_world(out_dir, val)
-            per_dataset[val] = finish_dataset(out_dir, val, order, world)
-    if per_dataset:
-        summary = run_summary(out_dir, meta, per_dataset)
-        for val in vals:
-            s = summary["datasets"][val]
-            print(f"[eval_seg] {val}: gIoU {s['gIoU']:.2f}  cIoU {s['cIoU']:.2f}  N_avg {s['n_avg']:.1f}  "
-                  f"TFLOPs {s['tflops']:.4g}  ({s['n']} expressions)")
-        return summary
-    return None
-
-
-def _shard_world(out_dir: Path, val: str) -> int:
-    """World size of the shard files of ``val`` in ``out_dir`` (1 when the unsharded file exists)."""
-    base = result_path(out_dir, val)
-    worlds = set()
-    for p in out_dir.glob(f"{base.stem}.rank*-of-*{base.suffix}"):
-        tail = p.name[len(base.stem) + len(".rank"):-len(base.suffix)]
-        try:
-            worlds.add(int(tail.split("-of-")[1]))
-        except (IndexError, ValueError):
-            continue
-    if len(worlds) > 1:
-        raise ValueError(f"out: {out_dir} holds {val} shards of several world sizes {sorted(worlds)}")
-    if worlds:
-        return worlds.pop()
-    if base.exists():
-        return 1
-    raise ValueError(f"out: no results for {val} in {out_dir}")
+    notes = [
+        "mIoU = gIoU (mean per-expression IoU), cIoU = cumulative I / cumulative U (LISA's validate)",
+        "N_avg: visual tokens per decoder layer averaged over layers and expressions (the paper prints floor)",
+        "TFLOPs: 2 x Eq. 11 per expression at its measured token counts; TFLOPs@T: the same at T text tokens",
+        "protocol: the --preset a row ran under ('*': with flags overridden; custom: none)",
+    ]
+    return header, rows, notes
 
 
 # ---------------------------------------------------------------------------------- LISA loading
@@ -586,6 +338,26 @@ def _import_lisa(root: str) -> Path:
     return lisa
 
 
+def check_split(args: argparse.Namespace, val: str) -> None:
+    """Refuse a split whose data are not where ValDataset will look (before any model work)."""
+    root = dataset_root(args, val)
+    parts = val.split("|")
+    if parts[0] == "ReasonSeg":
+        d = os.path.join(root, "reason_seg", "ReasonSeg", parts[1])
+        if not os.path.isdir(d) or not any(f.endswith(".jpg") for f in os.listdir(d)):
+            raise ValueError(f"val_dataset: {val} has no images in {d}")
+    else:
+        import pickle
+
+        refs = os.path.join(root, parts[0], f"refs({parts[1]}).p")
+        if not os.path.exists(refs):
+            raise ValueError(f"val_dataset: {val} needs {refs}, which does not exist")
+        with open(refs, "rb") as fh:
+            splits = {r.get("split") for r in pickle.load(fh)}
+        if parts[2] not in splits:
+            raise ValueError(f"val_dataset: {val} has no expressions in {refs} (its splits: {sorted(map(str, splits))})")
+
+
 def load_data(args: argparse.Namespace):
     """Tokenizer, LISA config, ValDataset factory and collate_fn exactly as train_ds.py builds them."""
     _import_lisa(args.lisa_root)
@@ -612,6 +384,7 @@ def load_data(args: argparse.Namespace):
     vision_tower = config.vision_tower
 
     def make_dataset(val: str):
+        check_split(args, val)
         return ValDataset(dataset_root(args, val), tokenizer, vision_tower, val, args.image_size)
 
     collate = partial(collate_fn, tokenizer=tokenizer, conv_type=args.conv_type, use_mm_start_end=True,
@@ -645,6 +418,69 @@ def load_model(args: argparse.Namespace, config: Any, tokenizer: Any, seg_token_
     return model, dtype
 
 
+# ------------------------------------------------------------------------------------- the run
+def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims) -> Dict[str, Any]:
+    """Every setting that changes the results (run.json: a resume with other values is refused)."""
+    return {
+        "host": "lisa", "version": args.version, "dataset_dir": args.dataset_dir, "refer_seg_dir": args.refer_seg_dir,
+        "val_datasets": expand_val_datasets(args.val_dataset), "vision_tower": args.vision_tower,
+        "precision": args.precision, "image_size": args.image_size, "model_max_length": args.model_max_length,
+        "conv_type": args.conv_type, "limit": args.limit, "seed": args.seed, "query": args.query,
+        "yolo_weights": args.yolo_weights, "mask_threshold": args.mask_threshold,
+        "methods": evalkit.method_settings(methods), "label": "LISA" + (
+            "" if not methods else " + " + evalkit.method_label(methods)),
+        "protocol": args.protocol, "paper_t": args.paper_t, "dims": [dims.hidden, dims.intermediate, dims.layers],
+    }
+
+
+def host_options(args: argparse.Namespace, methods: Sequence[Any], device: Any) -> Dict[str, Any]:
+    opts: Dict[str, Any] = {"query": args.query, "mask_threshold": args.mask_threshold}
+    if any("instance_masks" in m.needs() for m in methods):
+        if not args.yolo_weights:
+            raise ValueError("yolo_weights: Seg-First clustering needs --yolo-weights <local yolo11n-seg.pt>")
+        from shared.segfirst import YoloMaskSource
+
+        opts["mask_source"] = YoloMaskSource(weights=args.yolo_weights, device=args.yolo_device or str(device))
+    return opts
+
+
+def run(args: argparse.Namespace, model: Any, make_dataset: Any, collate: Any, dims: DecoderDims, device: Any,
+        image_dtype: torch.dtype, env: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
+    """Evaluate every ``--val-dataset`` on this rank's shard; on a single process (or with ``--merge-only``)
+    merge and write summary.json / table.md / table.csv. Returns the summary."""
+    methods = evalkit.methods_from_args(args)
+    vals = expand_val_datasets(args.val_dataset)
+    datasets = {val: make_dataset(val) for val in vals}  # every split loads (and is checked) before any GPU work
+    opts = host_options(args, methods, device) if not args.merge_only else {}
+    benches = [LisaSplit(v, datasets[v], collate, model, methods, opts, device, image_dtype, args.limit) for v in vals]
+    conv = CONVENTIONS["lvlm_csp"]
+
+    def at_paper_t(e):
+        return {"tflops_paper_t": prefill_flops([v + args.paper_t for v in e.visual_per_layer], dims, conv) / 1e12}
+
+    runner = evalkit.Run(args.out, settings(args, methods, dims), benches,
+                         evalkit.Accounting(dims, "lvlm_csp", extra=at_paper_t), on_error=args.on_error,
+                         progress=not args.no_progress, env=env)
+    runner.prepare()
+    if not args.merge_only:
+        runner.evaluate()
+    if not args.merge_only and runner.info.world_size > 1:
+        if not runner.barrier():
+            print(f"[eval_seg] rank {runner.info.rank}: shard done; run --merge-only once every rank has finished")
+            return None
+        if not runner.info.is_main:
+            return None
+    summary = runner.finish()
+    header, rows, notes = table([summary])
+    print(evalkit.write_table(header, rows, notes, Path(args.out) / "table"))
+    for name, b in summary["benchmarks"].items():
+        m = b["metrics"]
+        if m:
+            print(f"[eval_seg] {b['title']}: gIoU {m['gIoU']:.2f}  cIoU {m['cIoU']:.2f}  ({b['n']} expressions, "
+                  f"{b['skipped']} skipped)")
+    return summary
+
+
 # ---------------------------------------------------------------------------------------- mains
 def main_table(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(description="Combine the summary.json of several runs into one paper-style table")
@@ -657,9 +493,8 @@ def main_table(argv: Sequence[str]) -> None:
         if not f.exists():
             raise ValueError(f"runs: {d} has no summary.json (run or --merge-only it first)")
         summaries.append(json.loads(f.read_text(encoding="utf-8")))
-    md, cs = write_tables(summaries, Path(a.out))
-    print(md.read_text(encoding="utf-8"))
-    print(f"[eval_seg] wrote {md} and {cs}")
+    header, rows, notes = table(summaries)
+    print(evalkit.write_table(header, rows, notes, Path(a.out)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -667,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if argv and argv[0] == "table":
         main_table(argv[1:])
         return
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if not args.version or not args.dataset_dir:
         raise SystemExit("eval_seg.py: --version and --dataset-dir are required")
     info = dist_info()

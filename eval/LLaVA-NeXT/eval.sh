@@ -2,13 +2,13 @@
 # SeGPruner evaluation on LLaVA-OneVision: ScanQA / OpenEQA predictions, metrics and the paper-style table.
 #
 # Usage:
-#   eval/LLaVA-NeXT/eval.sh scanqa|openeqa --model-path M --data-root Q --frames-root F --output-dir O [options]
+#   eval/LLaVA-NeXT/eval.sh scanqa|openeqa --model-path M --data-root Q --frames-root F --out O [options]
 #   eval/LLaVA-NeXT/eval.sh table RUN_DIR [RUN_DIR ...] --out DIR
 #   NPROC=8 eval/LLaVA-NeXT/eval.sh scanqa ...      # one process per GPU via torchrun; rank 0 merges
 #
-# Options are those of eval/LLaVA-NeXT/eval_3dqa.py (--help): --tokens T --ratio r --lam λ
-# --mode per_view|per_scene --method segpruner|none --backend llava|hf --limit N --max-new-tokens 128
-# --judge openai:<base_url>:<model>|hf:<path> --use-java auto|yes|no --merge ...
+# Options are those of eval/LLaVA-NeXT/eval_3dqa.py (--help): --preset paper, --method NAME --method-args K=V,
+# --pre NAME --pre-args K=V, --backend llava|hf, --limit N, --max-new-tokens 128, --on-error raise|skip,
+# --judge openai:<base_url>:<model>|hf:<path>, --use-java auto|yes|no, --merge-only ...
 # PYTHON selects the interpreter (default: python; e.g. PYTHON=.venvs/LLaVA-NeXT/bin/python).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

@@ -18,19 +18,30 @@ scripts: ``"<image>" * V + question + " \\n\\n"`` in the ``qwen_1_5`` template, 
 or phrase."). Predictions are stored as generated (whitespace stripped).
 
 Backends: ``llava`` (default) loads the patched LLaVA-NeXT fork with ``load_pretrained_model``
-(``--attn auto``: flash_attention_2 if importable, else sdpa); selection runs through patch P1.
-``hf`` loads a transformers >= 4.53 ``LlavaOnevisionForConditionalGeneration`` folder (tokenizer and
-image processor from the same folder) and selects with ``shared.hosts.hf_onevision``.
+(``--attn auto``: flash_attention_2 if importable, else sdpa) and prunes through its patch points
+(host ``llava_next``). ``hf`` loads a transformers >= 4.53 ``LlavaOnevisionForConditionalGeneration``
+folder (tokenizer and image processor from the same folder; host ``hf_onevision``). Either way the
+model answers inside ``shared.prune(model, *methods, views=[scene geometry])``: any method the host
+provides the needs of runs (``--method``/``--pre``, ``python -m shared.apps.matrix``), e.g. SeGPruner,
+FastV, PyramidDrop, or SeGPruner stacked with an in-LLM method.
 
-Output (``--output-dir``): ``predictions.jsonl`` (one record per question, written and fsync'ed as
-produced; a rerun skips finished questions and cuts a line truncated by a crash), ``run.json``
-(settings; a rerun with different settings is refused), ``metrics.json``, ``table.md``/``table.csv``.
-Each record keeps the tokens kept per view, the visual/text tokens the LLM saw, the prefill TFLOPs
-of those counts at Qwen2-7B dims (``shared.accounting``; 4nd²+2n²d+2ndm per layer, and the exact
-GQA/SwiGLU count), the generate latency and the time to the first token (vision + selection +
-prefill). Sharding: under ``torchrun``/``accelerate launch`` each rank takes a contiguous slice
-(``shared.runio``), writes its own shard file, and rank 0 merges them in dataset order after a
-barrier; without a launcher rendezvous, run ``--merge`` once all shards are done.
+This file holds only what is 3D QA's: the questions, scenes and prompt, the model call and the
+metrics. Methods by name, ``--preset paper`` (the released protocol: black NEAREST padding, released
+frame rule and patch geometry, float16, T = 64 per view, r = 0, λ = 0.5), run settings, resume,
+sharding, progress, ``--on-error skip`` and the accounting (``shared.accounting`` over the session's
+measured tokens per layer, ``--dims auto``: the model's own) come from ``shared.evalkit``.
+
+Output (``--out``): ``scanqa.jsonl`` / ``openeqa.jsonl`` (one record per question, written and
+fsync'ed as produced; a rerun skips finished questions and cuts a line truncated by a crash),
+``run.json`` (settings; a rerun with different settings is refused), ``summary.json``,
+``table.md``/``table.csv`` (with the protocol each row ran under). Each record keeps the frames, the
+tokens kept per view, the visual tokens each decoder layer saw, text tokens, N_avg, the prefill
+TFLOPs (FastV convention and exact), the generate latency and the time to the first token. A question
+that fails (a missing scene, a broken frame) stops the run, or with ``--on-error skip`` is recorded
+with its reason and counted in the table. Sharding: under ``torchrun``/``accelerate launch`` each rank
+takes a contiguous slice (``shared.runio``), writes its own shard file, and rank 0 merges them in
+dataset order after a barrier; without a launcher rendezvous, run ``--merge-only`` once all shards
+are done.
 
 Metrics: ScanQA: the official scorer (EM@1, BLEU-1..4, METEOR, ROUGE-L, CIDEr; Java) plus LEO's
 cleaned/refined EM (``shared.metrics.qa``; ``--use-java no``: non-official pure-Python tokenizer, no
@@ -41,39 +52,37 @@ judge, offline EM/F1 proxies labelled "not LLM-Match".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import csv
 import dataclasses
-import glob
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 try:
-    import shared  # noqa: F401
+    import shared
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-from shared.accounting import CONVENTIONS, DIMS, Efficiency
-from shared.hosts.selection import SceneGeometry, geometry_from_views, scene_context
-from shared.methods.segpruner import MODES, SeGPruner
-from shared.runio import ResultWriter, dist_info, merge_shards, read_results, shard_path
+    import shared
+from shared import evalkit  # noqa: E402
+from shared.accounting import DIMS, DecoderDims  # noqa: E402
+from shared.hosts.selection import SceneGeometry, geometry_from_views  # noqa: E402
 
 TASKS = ("scanqa", "openeqa")
-PREDICTIONS = "predictions.jsonl"
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant."
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 DEFAULT_FILES = {"scanqa": ("ScanQA_v1.0_val.json", "qa/ScanQA_v1.0_val.json"),
                  "openeqa": ("open-eqa-v0.json", "data/open-eqa-v0.json")}
-#: run.json keys that change what is generated (a resumed run must match them)
-RUN_KEYS = ("task", "backend", "model_path", "method", "tokens", "ratio", "lam", "mode", "normalizer", "num_views",
-            "frame_rule", "padding", "compat_released_geometry", "answer_instruction", "max_new_tokens", "dtype",
-            "questions")
+#: ``--preset paper``: SeGPruner's released protocol (eval scripts of intcomp/SegPruner): T = 64 per view,
+#: r = 0, λ = 0.5, per view; black NEAREST padding; the released frame rule and patch geometry; float16.
+PRESETS = {
+    "paper": {"method": "segpruner", "method_args": ["tokens=64", "important_ratio=0.0", "lam=0.5", "mode=per_view"],
+              "padding": "black", "frame_rule": "released", "compat_released_geometry": True, "dtype": "float16"},
+}
 
 
 # ------------------------------------------------------------------------------------- prompt
@@ -112,7 +121,7 @@ def load_items(task: str, path: str) -> List[QAItem]:
     items = []
     for q in load_openeqa(path):
         items.append(QAItem(q.question_id, q.episode_history, q.question, list(q.answers),
-                            {"answer": q.answer, "extra_answers": list(q.extra_answers) if q.extra_answers else None,
+                            {"answer": q.answer, "extra_answers": None if q.extra_answers is None else list(q.extra_answers),
                              "category": q.category, "source": q.source}))
     return items
 
@@ -179,9 +188,7 @@ class SceneLoader:
 @dataclasses.dataclass
 class Answer:
     text: str
-    visual_tokens: int
-    text_tokens: int
-    kept_per_view: List[int]
+    forward: Any  # the session's record of the prefill (shared.ForwardRecord)
     new_tokens: int
     latency_s: float
     ttft_s: Optional[float]
@@ -227,9 +234,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class LlavaBackend:
-    """The patched LLaVA-NeXT fork (``load_pretrained_model``); selection through patch P1."""
+    """The patched LLaVA-NeXT fork (``load_pretrained_model``); pruning through its patch points."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, stack: contextlib.ExitStack) -> None:
+    host = "llava_next"
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         os.environ.setdefault("LLAVA_STRICT_IMPORT", "1")  # surface import errors of the patched model code
         try:
             import llava.model.llava_arch as arch
@@ -241,8 +250,6 @@ class LlavaBackend:
             raise ImportError("--backend llava: needs the LLaVA-NeXT package (bash eval/setup_env.sh LLaVA-NeXT)") from exc
         if not hasattr(arch, "pruner_glue"):
             raise RuntimeError("--backend llava: LLaVA-NeXT is not patched; run scripts/apply_patches.sh LLaVA-NeXT")
-        from shared.hosts import llava_next
-
         if args.dtype == "float32":
             raise ValueError("--dtype: the LLaVA-NeXT loader supports float16 or bfloat16")
         name = args.model_name or get_model_name_from_path(args.model_path)
@@ -260,9 +267,9 @@ class LlavaBackend:
         cfg = self.model.get_vision_tower().config
         self.size, self.patch = int(cfg.image_size), int(cfg.patch_size)
         self.device, self.dtype = next(self.model.parameters()).device, _dtype(args.dtype)
-        self.session = stack.enter_context(llava_next.attach(self.model))
+        self.dims = DecoderDims.from_config(self.model.config)
 
-    def answer(self, question: str, scene: LoadedScene, pruner: Optional[SeGPruner], args) -> Answer:
+    def answer(self, question: str, scene: "LoadedScene", methods: Sequence[Any], args) -> Answer:
         from PIL import Image
 
         v = len(scene.prep.images)
@@ -277,12 +284,11 @@ class LlavaBackend:
         images = [self.processor.preprocess(Image.fromarray(im), return_tensors="pt")["pixel_values"][0]
                   .to(self.device, self.dtype) for im in scene.prep.images]
         sizes = [(t.width, t.height) for t in scene.prep.image_transforms]
-        grid = self.size // self.patch
         sync = _sync(self.device)
         first, processors = _timer(sync)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ctx_manager = scene_context(pruner, [scene.geometry], grid=grid) if pruner else contextlib.nullcontext()
-        with torch.inference_mode(), ctx_manager as ctx:
+        with torch.inference_mode(), shared.prune(self.model, *methods, host=self.host, views=[scene.geometry],
+                                                  patch=self.patch) as session:
             sync()
             t0 = time.perf_counter()
             out = self.model.generate(ids, images=images, image_sizes=sizes, modalities=["image"], do_sample=False,
@@ -291,16 +297,15 @@ class LlavaBackend:
             sync()
             t1 = time.perf_counter()
         text = self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
-        vis = self.session.visual_tokens[0]
-        kept = ctx.last.per_view if pruner else [grid * grid] * v
-        return Answer(text, vis, self.session.sequence_lengths[0] - vis, kept, int(out.shape[1]), t1 - t0,
-                      None if first.t is None else first.t - t0)
+        return Answer(text, session.last, int(out.shape[1]), t1 - t0, None if first.t is None else first.t - t0)
 
 
 class HFBackend:
-    """A transformers LlavaOnevisionForConditionalGeneration folder; selection by shared.hosts.hf_onevision."""
+    """A transformers LlavaOnevisionForConditionalGeneration folder (host ``hf_onevision``)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, stack: contextlib.ExitStack) -> None:
+    host = "hf_onevision"
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
@@ -314,8 +319,9 @@ class HFBackend:
         vc = self.model.config.vision_config
         self.size, self.patch = int(vc.image_size), int(vc.patch_size)
         self.device, self.dtype = device, _dtype(args.dtype)
+        self.dims = DecoderDims.from_config(self.model.config.text_config)
 
-    def inputs(self, question: str, scene: LoadedScene, instruction: bool) -> Dict[str, torch.Tensor]:
+    def inputs(self, question: str, scene: "LoadedScene", instruction: bool) -> Dict[str, torch.Tensor]:
         from PIL import Image
 
         from shared.hosts.hf_onevision import multiview_inputs
@@ -324,70 +330,72 @@ class HFBackend:
         return multiview_inputs(self.model, self.tokenizer, self.processor, prompt,
                                 [Image.fromarray(im) for im in scene.prep.images])
 
-    def answer(self, question: str, scene: LoadedScene, pruner: Optional[SeGPruner], args) -> Answer:
-        from shared.hosts.hf_onevision import segprune_generate
-
+    def answer(self, question: str, scene: "LoadedScene", methods: Sequence[Any], args) -> Answer:
         inputs = self.inputs(question, scene, args.answer_instruction)
-        v, grid = len(scene.prep.images), self.size // self.patch
         sync = _sync(self.device)
         first, processors = _timer(sync)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        gen = dict(do_sample=False, num_beams=1, max_new_tokens=args.max_new_tokens, pad_token_id=pad,
-                   logits_processor=processors)
-        with torch.inference_mode():
+        with torch.inference_mode(), shared.prune(self.model, *methods, host=self.host, views=[scene.geometry],
+                                                  patch=self.patch) as session:
             sync()
             t0 = time.perf_counter()
-            if pruner is not None:
-                res = segprune_generate(self.model, inputs, pruner, [scene.geometry], patch=self.patch, **gen)
-                new = res.sequences[0]
-            else:
-                new = self.model.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1]:]
+            new = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=args.max_new_tokens,
+                                      pad_token_id=pad, logits_processor=processors)[0, inputs["input_ids"].shape[1]:]
             sync()
             t1 = time.perf_counter()
-        if pruner is not None:
-            vis, txt, kept = res.inputs.visual_tokens[0], res.inputs.text_tokens[0], res.inputs.records[0].per_view
-        else:
-            vis = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-            txt, kept = int(inputs["input_ids"].shape[1]) - vis, [grid * grid] * v
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Answer(text, vis, txt, kept, int(new.shape[0]), t1 - t0, None if first.t is None else first.t - t0)
+        return Answer(text, session.last, int(new.shape[0]), t1 - t0, None if first.t is None else first.t - t0)
 
 
-# ------------------------------------------------------------------------------------- records
-def prefill_tflops(visual: int, text: int) -> Tuple[float, float]:
-    """(FastV-convention TFLOPs, exact GQA/SwiGLU TFLOPs) of a prefill at Qwen2-7B dims."""
-    dims = DIMS["qwen2-7b"]
-    out = []
-    for conv in ("fastv", "exact"):
-        out.append(Efficiency([visual] * dims.layers, text, dims, CONVENTIONS[conv]).tflops)
-    return out[0], out[1]
+# ------------------------------------------------------------------------------------ benchmark
+class QABenchmark(evalkit.Benchmark):
+    """ScanQA or OpenEQA: a job per question, answered from its scene's views."""
 
+    def __init__(self, args: argparse.Namespace, items: List[QAItem], methods: Sequence[Any]) -> None:
+        self.name, self.title = args.task, {"scanqa": "ScanQA", "openeqa": "OpenEQA"}[args.task]
+        self.args, self.items, self.methods = args, items, list(methods)
+        self.backend: Any = None
+        self.loader: Optional[SceneLoader] = None
+        self.out_dir = args.out
 
-def make_record(item: QAItem, task: str, scene: LoadedScene, ans: Answer) -> Dict[str, Any]:
-    tf, tf_exact = prefill_tflops(ans.visual_tokens, ans.text_tokens)
-    rec: Dict[str, Any] = {
-        "question_id": item.question_id,
-        "scene_id": item.scene_key,
-        "question": item.question,
-        "prediction": ans.text,
-        "answers": item.answers,
-    }
-    if task == "openeqa":
-        rec.update({k: item.extra[k] for k in ("answer", "extra_answers", "category", "source")})
-    rec.update({
-        "frames": scene.frames,
-        "views": len(scene.frames),
-        "kept_per_view": ans.kept_per_view,
-        "visual_tokens": ans.visual_tokens,
-        "text_tokens": ans.text_tokens,
-        "prefill_tflops": tf,
-        "prefill_tflops_exact": tf_exact,
-        "new_tokens": ans.new_tokens,
-        "latency_s": ans.latency_s,
-        "ttft_s": ans.ttft_s,
-        "pose_fallback": scene.pose_fallback,
-    })
-    return rec
+    def jobs(self) -> List[evalkit.Job]:
+        return [evalkit.Job([it.question_id], payload=it, label=it.scene_key) for it in self.items]
+
+    def attach(self, backend: Any) -> None:
+        a = self.args
+        self.backend = backend
+        geo = [m for m in self.methods if "geometry" in m.needs()]
+        mode = getattr(geo[0], "mode", "per_scene") if geo else None
+        self.loader = SceneLoader(a.frames_root, a.num_views, a.frame_rule, backend.size, backend.patch,
+                                  backend.size // backend.patch, a.padding, mode, a.compat_released_geometry)
+
+    def run(self, job: evalkit.Job) -> evalkit.JobOutput:
+        it: QAItem = job.payload
+        scene = self.loader.get(it.scene_key)
+        ans = self.backend.answer(it.question, scene, self.methods, self.args)
+        grid = (self.backend.size // self.backend.patch) ** 2
+        pre = ans.forward.pre_llm[0] if ans.forward is not None and ans.forward.pre_llm else None
+        rec: Dict[str, Any] = {evalkit.KEY: it.question_id, "question_id": it.question_id, "scene_id": it.scene_key,
+                               "question": it.question, "prediction": ans.text, "answers": it.answers}
+        if self.args.task == "openeqa":
+            rec.update({k: it.extra[k] for k in ("answer", "extra_answers", "category", "source")})
+        rec.update({
+            "frames": scene.frames, "views": len(scene.frames),
+            "kept_per_view": pre["per_view"] if pre else [grid] * len(scene.frames),
+            "new_tokens": ans.new_tokens, "latency_s": ans.latency_s, "ttft_s": ans.ttft_s,
+            "pose_fallback": scene.pose_fallback,
+        })
+        return evalkit.JobOutput([rec], ans.forward)
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        out = task_metrics(self.args.task, records, self.args, self.out_dir)
+        grid = self.args.grid_tokens
+        kept = evalkit.mean_of([{"k": sum(r["kept_per_view"]) / r["views"]} for r in records], "k")
+        out["kept_per_view"] = kept
+        out["reduction_pct"] = None if kept is None or not grid else 100.0 * (1.0 - kept / grid)
+        out["latency_s"] = evalkit.mean_of(records, "latency_s")
+        out["ttft_s"] = evalkit.mean_of(records, "ttft_s")
+        return out
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -404,27 +412,6 @@ def parse_judge(spec: str, device: str = "cuda"):
     if spec.startswith("hf:"):
         return HFJudge(spec[3:], device=device)
     raise ValueError(f"--judge: expected openai:<base_url>:<model> or hf:<path>, got {spec!r}")
-
-
-def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
-    vals = [float(x) for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def efficiency_summary(records: Sequence[Dict[str, Any]], grid_tokens: int) -> Dict[str, Any]:
-    kept = [sum(r["kept_per_view"]) / r["views"] for r in records]
-    k = _mean(kept)
-    return {
-        "kept_per_view": k,
-        "reduction_pct": None if k is None else 100.0 * (1.0 - k / grid_tokens),
-        "grid_tokens_per_view": grid_tokens,
-        "visual_tokens": _mean([r["visual_tokens"] for r in records]),
-        "text_tokens": _mean([r["text_tokens"] for r in records]),
-        "prefill_tflops": _mean([r["prefill_tflops"] for r in records]),
-        "prefill_tflops_exact": _mean([r["prefill_tflops_exact"] for r in records]),
-        "latency_s": _mean([r["latency_s"] for r in records]),
-        "ttft_s": _mean([r["ttft_s"] for r in records]),
-    }
 
 
 def task_metrics(task: str, records: List[Dict[str, Any]], args: argparse.Namespace, out_dir: str) -> Dict[str, Any]:
@@ -460,247 +447,163 @@ def task_metrics(task: str, records: List[Dict[str, Any]], args: argparse.Namesp
     return out
 
 
-def method_label(run: Dict[str, Any]) -> str:
-    if run["method"] == "none":
-        return "LLaVA-OV (unpruned)"
-    return (f"+ SeGPruner T={run['tokens']} r={run['ratio']:g} λ={run['lam']:g} {run['mode']}"
-            f"{' dx=' + run['normalizer'] if run['normalizer'] != 'first_centroid' else ''}")
-
-
-def _fmt(x: Any, nd: int = 2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
-def table(results: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List[str]], List[str]]:
-    """Header, rows and footnotes of the paper-style table for results of one task."""
-    task = results[0]["run"]["task"]
+# --------------------------------------------------------------------------------------- tables
+def table(summaries: Sequence[Dict[str, Any]]):
+    """Header, rows and footnotes of the paper-style table for runs of one task."""
+    task = summaries[0]["settings"]["task"]
     notes: List[str] = []
     if task == "scanqa":
         keys = ["EM@1", "EM@1-refined", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-        header = ["Method", "Tokens/view", "Reduction %"] + keys
+        header = ["Method", "Protocol", "Tokens/view", "Reduction %"] + keys
     else:
         groups = ["ScanNet", "HM3D", "All"]
-        header = ["Method", "Tokens/view", "Reduction %"] + groups
-    header += ["LLM visual tokens", "Prefill TFLOPs", "Latency s", "TTFT s"]
+        header = ["Method", "Protocol", "Tokens/view", "Reduction %"] + groups
+    header += ["N_avg", "Prefill TFLOPs", "Latency s", "TTFT s", "Skipped"]
     rows = []
-    for res in results:
-        if res["run"]["task"] != task:
-            raise ValueError(f"runs: mixes {task} and {res['run']['task']} results; make one table per task")
-        m, e = res["metrics"], res["efficiency"]
-        row = [method_label(res["run"]), _fmt(e["kept_per_view"], 1), _fmt(e["reduction_pct"], 1)]
+    for s in summaries:
+        if s["settings"]["task"] != task:
+            raise ValueError(f"runs: mixes {task} and {s['settings']['task']} results; make one table per task")
+        b = s["benchmarks"][task]
+        m, e = b["metrics"], b["efficiency"]
+        row = [s["settings"]["label"], s["settings"]["protocol"], evalkit.fmt(m.get("kept_per_view"), 1),
+               evalkit.fmt(m.get("reduction_pct"), 1)]
         if task == "scanqa":
             for k in keys:
                 v = m.get(k, m.get(k + " (non-official)"))
                 if k not in m and v is not None:
                     notes.append(f"{k}: pycocoevalcap with the pure-Python tokenizer (non-official)")
-                row.append(_fmt(v))
+                row.append(evalkit.fmt(v))
         else:
             name = "LLM-Match" if m.get("metric") == "LLM-Match" else "proxy-EM"
             for g in groups:
-                row.append(_fmt(m.get(f"{name} {g}")))
-            notes.append(f"OpenEQA: {m.get('judge', m.get('label'))}")
-        row += [_fmt(e["visual_tokens"], 1), _fmt(e["prefill_tflops"]), _fmt(e["latency_s"], 3), _fmt(e["ttft_s"], 3)]
+                row.append(evalkit.fmt(m.get(f"{name} {g}")))
+            if m:
+                notes.append(f"OpenEQA: {m.get('judge', m.get('label'))}")
+        row += [evalkit.fmt(e["n_avg"], 1), evalkit.fmt(e["tflops"]), evalkit.fmt(m.get("latency_s"), 3),
+                evalkit.fmt(m.get("ttft_s"), 3), str(b["skipped"])]
         rows.append(row)
-    notes.append("Prefill TFLOPs at Qwen2-7B dims (28 layers, d=3584, m=18944), 4nd²+2n²d+2ndm per layer; "
-                 "LLM visual tokens include one newline per view; Reduction = 1 − kept/grid tokens per view")
+    dims = summaries[0]["settings"]["dims"]
+    notes.append(f"Prefill TFLOPs at the model's dims ({dims[2]} layers, d={dims[0]}, m={dims[1]}), 4nd²+2n²d+2ndm "
+                 "per layer over the measured tokens per layer; N_avg: visual tokens (one newline per view included) "
+                 "averaged over layers; Reduction = 1 − kept/grid tokens per view")
+    notes.append("Protocol: 'paper' = SeGPruner's released protocol (--preset paper), '*' = with flags overridden, "
+                 "custom = the corrected defaults")
     return header, rows, sorted(set(notes), key=notes.index)
 
 
-def write_table(results: Sequence[Dict[str, Any]], out_dir: str) -> str:
-    header, rows, notes = table(results)
-    os.makedirs(out_dir, exist_ok=True)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += [""] + [f"- {n}" for n in notes]
-    text = "\n".join(md) + "\n"
-    with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as fh:
-        fh.write(text)
-    with open(os.path.join(out_dir, "table.csv"), "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return text
-
-
 # ------------------------------------------------------------------------------------- driver
-def run_settings(args: argparse.Namespace, questions: str) -> Dict[str, Any]:
-    d = {k: getattr(args, k, None) for k in RUN_KEYS if k != "questions"}
-    d["questions"] = os.path.abspath(questions)
-    d["model_path"] = os.path.abspath(args.model_path)
+def question_file_of(args: argparse.Namespace) -> str:
+    return question_file(args.task, args.data_root)
+
+
+def settings(args: argparse.Namespace, methods: Sequence[Any], questions: str) -> Dict[str, Any]:
+    """Every setting that changes the results (run.json: a resume with other values is refused)."""
+    keys = ("task", "backend", "model_name", "num_views", "frame_rule", "padding", "compat_released_geometry",
+            "answer_instruction", "max_new_tokens", "dtype", "attn", "limit", "seed", "protocol")
+    d: Dict[str, Any] = {k: getattr(args, k) for k in keys}
+    d.update(model_path=os.path.abspath(args.model_path), questions=os.path.abspath(questions),
+             frames_root=os.path.abspath(args.frames_root), methods=evalkit.method_settings(methods),
+             label="LLaVA-OV" + (" (unpruned)" if not methods else " + " + evalkit.method_label(methods)))
     return d
 
 
-def check_run_file(out_dir: str, settings: Dict[str, Any], write: bool) -> None:
-    path = os.path.join(out_dir, "run.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            old = json.load(fh)
-        diff = {k: (old.get(k), settings.get(k)) for k in RUN_KEYS if old.get(k) != settings.get(k)}
-        if diff:
-            raise SystemExit(f"--output-dir: {out_dir} holds predictions made with other settings {diff}; "
-                             "use another --output-dir")
-    elif write:
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(settings, fh, indent=1)
-        os.replace(tmp, path)
-
-
-def make_pruner(args: argparse.Namespace) -> Optional[SeGPruner]:
-    if args.method == "none":
+def _recorded_dims(out: str) -> Optional[List[int]]:
+    path = Path(out) / "run.json"
+    if not path.exists():
         return None
-    return SeGPruner(tokens=args.tokens, important_ratio=args.ratio, lam=args.lam, mode=args.mode,
-                     normalizer=args.normalizer)
+    return json.loads(path.read_text(encoding="utf-8")).get("dims")
 
 
-def finish(args: argparse.Namespace, items: List[QAItem], out_dir: str, grid_tokens: int) -> Dict[str, Any]:
-    """Metrics, metrics.json and the table over the complete predictions.jsonl."""
-    records = read_results(os.path.join(out_dir, PREDICTIONS), key="question_id")
-    by_id = {r["question_id"]: r for r in records}
-    missing = [it.question_id for it in items if it.question_id not in by_id]
-    if missing:
-        raise SystemExit(f"{PREDICTIONS}: {len(missing)} questions have no prediction yet (e.g. {missing[:3]}); "
-                         "rerun to finish them")
-    ordered = [by_id[it.question_id] for it in items]
-    with open(os.path.join(out_dir, "run.json"), encoding="utf-8") as fh:
-        run = json.load(fh)
-    result = {"run": run, "n": len(ordered), "metrics": task_metrics(args.task, ordered, args, out_dir),
-              "efficiency": efficiency_summary(ordered, grid_tokens)}
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1, ensure_ascii=False)
-    print(write_table([result], out_dir))
-    return result
+def _todo(out: str, bench: QABenchmark, info: Any) -> int:
+    """Questions of this rank's shard without a result yet."""
+    from shared.runio import ResultWriter, shard_path, shard_slice
 
-
-def merge(args: argparse.Namespace, items: List[QAItem], out_dir: str) -> None:
-    shards = sorted(glob.glob(os.path.join(out_dir, "predictions.rank*-of-*.jsonl")))
-    worlds = {os.path.basename(p).rsplit("-of-", 1)[1].split(".")[0] for p in shards}
-    if not shards:
-        if not os.path.exists(os.path.join(out_dir, PREDICTIONS)):
-            raise SystemExit(f"--merge: no shard files and no {PREDICTIONS} in {out_dir}")
-        return
-    if len(worlds) != 1:
-        raise SystemExit(f"--merge: shard files of several world sizes in {out_dir}: {sorted(worlds)}")
-    world = int(next(iter(worlds)))
-    expected = [str(shard_path(os.path.join(out_dir, PREDICTIONS), r, world)) for r in range(world)]
-    absent = [p for p in expected if p not in shards]
-    if absent:
-        raise SystemExit(f"--merge: missing shard files {absent}")
-    merge_shards(expected, os.path.join(out_dir, PREDICTIONS), key="question_id",
-                 order=[it.question_id for it in items])
-
-
-def _barrier(world: int) -> bool:
-    """Wait for all ranks when a launcher rendezvous exists; False when there is none."""
-    if world == 1:
-        return True
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
-    return True
+    path = shard_path(Path(out) / f"{bench.name}.jsonl", info.rank, info.world_size)
+    mine = shard_slice(bench.jobs(), info.rank, info.world_size)
+    if not path.exists():
+        return len(mine)
+    with ResultWriter(path, key=evalkit.KEY) as w:
+        return sum(1 for j in mine if j.keys[0] not in w.done)
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shared.runio import shard_slice
-
-    questions = question_file(args.task, args.data_root)
+    methods = evalkit.methods_from_args(args)
+    questions = question_file_of(args)
     items = load_items(args.task, questions)
     if args.limit is not None:
         items = items[: args.limit]
     if not items:
         raise SystemExit("--data-root: no questions to evaluate")
-    out_dir = args.output_dir
-    info = dist_info()
-    settings = run_settings(args, questions)
-    if args.merge:
-        check_run_file(out_dir, settings, write=False)
-        if not os.path.exists(os.path.join(out_dir, "run.json")):
-            raise SystemExit(f"--merge: {out_dir} holds no run.json")
-        merge(args, items, out_dir)
-        grid = json.load(open(os.path.join(out_dir, "run.json"), encoding="utf-8")).get("grid", 27)
-        finish(args, items, out_dir, grid * grid)
-        return 0
-    if info.is_main:
-        check_run_file(out_dir, settings, write=True)
-    else:
-        os.makedirs(out_dir, exist_ok=True)
-
+    bench = QABenchmark(args, items, methods)
+    info = shared.runio.dist_info()
     if args.device == "auto":
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    pruner = make_pruner(args)
-    mine = shard_slice(items, info.rank, info.world_size)
-    path = shard_path(os.path.join(out_dir, PREDICTIONS), info.rank, info.world_size)
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(ResultWriter(path, key="question_id"))
-        todo = [it for it in mine if it.question_id not in writer.done]
-        grid = None
-        if todo:
-            backend = (LlavaBackend if args.backend == "llava" else HFBackend)(args, device, stack)
-            grid = backend.size // backend.patch
-            if info.is_main:
-                settings_path = os.path.join(out_dir, "run.json")
-                run = json.load(open(settings_path, encoding="utf-8"))
-                if run.get("grid") not in (None, grid):
-                    raise SystemExit(f"--model-path: grid {grid} differs from the run's {run['grid']}")
-                run["grid"] = grid
-                with open(settings_path + ".tmp", "w", encoding="utf-8") as fh:
-                    json.dump(run, fh, indent=1)
-                os.replace(settings_path + ".tmp", settings_path)
-            loader = SceneLoader(args.frames_root, args.num_views, args.frame_rule, backend.size, backend.patch, grid,
-                                 args.padding, None if pruner is None else args.mode, args.compat_released_geometry)
-            bar = tqdm(todo, desc=f"{args.task} rank {info.rank}" if info.world_size > 1 else args.task,
-                       unit="q", initial=len(mine) - len(todo), total=len(mine))
-            for it in bar:
-                scene = loader.get(it.scene_key)
-                ans = backend.answer(it.question, scene, pruner, args)
-                writer.write(make_record(it, args.task, scene, ans))
-                bar.set_postfix(tokens=ans.visual_tokens, s=f"{ans.latency_s:.2f}")
-            if loader.short_scenes:
-                print(f"note: {len(loader.short_scenes)} scenes had fewer than {args.num_views} frames (all used): "
-                      f"{loader.short_scenes[:5]}")
-    if not _barrier(info.world_size):
-        print(f"rank {info.rank}: shard written to {path}; run again with --merge once every rank has finished")
-        return 0
-    if not info.is_main:
-        return 0
-    if info.world_size > 1:
-        merge(args, items, out_dir)
+    torch.manual_seed(args.seed)
+    run_settings = settings(args, methods, questions)
+    dims: Optional[List[int]] = None if args.dims == "auto" else _dims_list(DIMS[args.dims])
+    if not args.merge_only and _todo(args.out, bench, info):
+        backend = (LlavaBackend if args.backend == "llava" else HFBackend)(args, device)
+        bench.attach(backend)
+        dims = dims or _dims_list(backend.dims)
+    dims = dims or _recorded_dims(args.out)
+    if dims is None:
+        raise SystemExit(f"--out: {args.out} holds no run to merge or finish; run the evaluation first")
+    run_settings["dims"] = dims
+    runner = evalkit.Run(args.out, run_settings, [bench], evalkit.Accounting(DecoderDims(*dims), "fastv"),
+                         on_error=args.on_error, progress=not args.no_progress)
+    runner.prepare()
+    if not args.merge_only:
+        runner.evaluate()
+        if bench.loader is not None and bench.loader.short_scenes:
+            print(f"note: {len(bench.loader.short_scenes)} scenes had fewer than {args.num_views} frames (all used): "
+                  f"{bench.loader.short_scenes[:5]}")
+        if info.world_size > 1:
+            if not runner.barrier():
+                print(f"rank {info.rank}: shard written; run again with --merge-only once every rank has finished")
+                return 0
+            if not info.is_main:
+                return 0
     if args.skip_metrics:
         return 0
-    run = json.load(open(os.path.join(out_dir, "run.json"), encoding="utf-8"))
-    g = run.get("grid") or grid or 27
-    finish(args, items, out_dir, g * g)
+    args.grid_tokens = _grid_tokens(runner, bench)
+    summary = runner.finish()
+    header, rows, notes = table([summary])
+    print(evalkit.write_table(header, rows, notes, Path(args.out) / "table"))
     return 0
+
+
+def _dims_list(d: DecoderDims) -> List[int]:
+    return [d.hidden, d.intermediate, d.layers, d.heads, d.kv_heads or d.heads]
+
+
+def _grid_tokens(runner: evalkit.Run, bench: QABenchmark) -> Optional[int]:
+    """Grid tokens per view: the tower's, else those of a finished run (each view = grid + 1 newline)."""
+    if bench.backend is not None:
+        return (bench.backend.size // bench.backend.patch) ** 2
+    for r in runner.records(bench):
+        if "skipped" not in r and r.get("visual_tokens") and r.get("views"):
+            return int(r["visual_tokens"]) // int(r["views"]) - 1
+    return None
 
 
 def combine(args: argparse.Namespace) -> int:
-    results = []
+    summaries = []
     for d in args.runs:
-        p = os.path.join(d, "metrics.json")
+        p = os.path.join(d, "summary.json")
         if not os.path.exists(p):
-            raise SystemExit(f"runs: {d} has no metrics.json (finish that run first)")
+            raise SystemExit(f"runs: {d} has no summary.json (finish that run first)")
         with open(p, encoding="utf-8") as fh:
-            results.append(json.load(fh))
-    print(write_table(results, args.out))
+            summaries.append(json.load(fh))
+    header, rows, notes = table(summaries)
+    print(evalkit.write_table(header, rows, notes, Path(args.out) / "table"))
     return 0
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="task", required=True)
@@ -711,13 +614,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.add_argument("--backend", choices=("llava", "hf"), default="llava")
         p.add_argument("--data-root", required=True, help="question JSON, or the folder holding it")
         p.add_argument("--frames-root", required=True, help="folder of per-scene frame folders")
-        p.add_argument("--output-dir", required=True)
-        p.add_argument("--method", choices=("segpruner", "none"), default="segpruner", help="none = unpruned baseline")
-        p.add_argument("--tokens", type=int, default=64, help="T: kept tokens per view (per_view) or per scene")
-        p.add_argument("--ratio", type=float, default=0.0, help="r: important ratio, int(T·r) by saliency (released default 0)")
-        p.add_argument("--lam", type=float, default=0.5, help="λ: weight of the 3D distance in the FPS distance")
-        p.add_argument("--mode", choices=MODES, default="per_view")
-        p.add_argument("--normalizer", choices=("first_centroid", "diameter"), default="first_centroid")
+        p.add_argument("--out", required=True, help="run directory")
+        evalkit.add_method_args(p)
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the paper's released protocol")
         p.add_argument("--num-views", type=int, default=12)
         p.add_argument("--frame-rule", choices=("released", "linspace"), default="released")
         p.add_argument("--padding", choices=("mean", "black"), default="mean",
@@ -727,32 +626,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.add_argument("--answer-instruction", action="store_true", help=f"append {ANSWER_INSTRUCTION!r}")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--limit", type=int, help="first N questions only")
+        p.add_argument("--seed", type=int, default=0, help="torch's global seed")
         p.add_argument("--device", default="auto", help="auto: cuda:<LOCAL_RANK> if available, else cpu")
         p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
         p.add_argument("--attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto")
-        p.add_argument("--merge", action="store_true", help="merge the shard files and compute the metrics only")
+        p.add_argument("--dims", default="auto", choices=("auto",) + tuple(DIMS),
+                       help="decoder dims of the TFLOPs (auto: the model's config)")
+        p.add_argument("--on-error", default="raise", choices=evalkit.runner.ON_ERROR,
+                       help="skip: record a failing question (e.g. a missing scene) with the reason and go on")
+        p.add_argument("--merge-only", action="store_true", help="merge the shard files and compute the metrics only")
         p.add_argument("--skip-metrics", action="store_true")
+        p.add_argument("--no-progress", action="store_true")
         p.add_argument("--use-java", choices=("auto", "yes", "no"), default="auto", help="scanqa: official Java tokenizer/METEOR")
         p.add_argument("--judge", help="openeqa: openai:<base_url>:<model> or hf:<local folder>")
         p.add_argument("--judge-device", default="cuda", help="openeqa: device of an hf: judge")
     t = sub.add_parser("table", help="one paper-style table from several finished runs")
-    t.add_argument("runs", nargs="+", help="output dirs of finished runs (same task)")
+    t.add_argument("runs", nargs="+", help="run directories of finished runs (same task)")
     t.add_argument("--out", required=True)
+    return ap
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    if args.task != "table":
-        if args.tokens < 1:
-            ap.error("--tokens: expected a positive int")
-        if args.num_views < 1:
-            ap.error("--num-views: expected a positive int")
-        if args.limit is not None and args.limit < 1:
-            ap.error("--limit: expected a positive int")
-        if args.max_new_tokens < 1:
-            ap.error("--max-new-tokens: expected a positive int")
-        if args.method == "segpruner":
-            try:
-                make_pruner(args)  # validates tokens/ratio/lam/mode/normalizer
-            except ValueError as exc:
-                ap.error(f"--{exc}")
+    if args.task == "table":
+        return args
+    sub = ap._subparsers._group_actions[0].choices[args.task]  # noqa: SLF001 - the task's own defaults
+    args.protocol, _ = evalkit.apply_preset(args, sub, PRESETS, args.preset)
+    for flag in ("num_views", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')}: expected a positive int")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit: expected a positive int")
+    try:
+        evalkit.methods_from_args(args)  # every method validates its fields
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
 
 

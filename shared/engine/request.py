@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 

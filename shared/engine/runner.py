@@ -27,7 +27,7 @@ from torch import nn
 from .adapters import DecoderAdapter
 from .cache import attach_state, attached_state, pad_to_positions
 from .plan import LayerView, Plan, PruningRequest
-from .probe import attention_rows
+from .llm_attention import attention_rows
 from .request import build_request, check_group_copies, expand_pending, expansion_factor
 from .state import ActiveSet, scatter_full, transition
 
@@ -186,7 +186,7 @@ class DecoderRunner:
         if output_attentions:
             raise ValueError(
                 "output_attentions: attention maps are not returned while pruning; the engine scores tokens "
-                "from q/k itself (see shared.engine.probe)"
+                "from q/k itself (see shared.engine.llm_attention)"
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids/inputs_embeds: give exactly one of them")

@@ -191,7 +191,7 @@ class HFLlavaHost(NativeHost):
                     for i, n in enumerate(per_image_n):
                         if scores.shape[1] != n:
                             raise ValueError(
-                                f"pixel_values: clustering='cls' needs one image per sample whose {scores.shape[1]} "
+                                f"pixel_values: [CLS] attention needs one image per sample whose {scores.shape[1]} "
                                 f"patches are the sample's image tokens, sample {i} has {n}"
                             )
                 else:

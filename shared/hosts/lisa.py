@@ -254,6 +254,7 @@ class LisaHost(HostAdapter):
         return counts[0]
 
     def _seg_first_inputs(self, method: Any, image_paths: Optional[Sequence[str]], n: int) -> Dict[str, Any]:
+        """Instance masks of the rows' original image (``mask_source`` on ``image_paths``) on the CLIP grid."""
         from ..segfirst import check_source_output, masks_to_grid
 
         paths = list(image_paths) if image_paths is not None else []
@@ -287,9 +288,10 @@ class LisaHost(HostAdapter):
             rows = (layout.seg_index < 0).nonzero().flatten().tolist()
             raise ValueError(f"input_ids: rows {rows} have no [SEG] token (id {seg_id}); the method's query needs it")
         key = str(image_paths[0]) if image_paths else None
+        needs = method.needs() if method is not None else frozenset()
+        selects = method is not None and method.uses_selection
         extra: Dict[str, Any] = {}
-        mode = getattr(method, "clustering", None) if method is not None and method.uses_selection else None
-        if mode == "seg_first" and getattr(method, "cluster_layers", 0) > 0:
+        if "instance_masks" in needs:
             extra = self._seg_first_inputs(method, image_paths, n_img)
         seen: Dict[str, Any] = {}
         with ExitStack() as stack:
@@ -315,7 +317,7 @@ class LisaHost(HostAdapter):
                 query = self.opts["query"]
                 qi = None if not uses_seg or query == "last" else (seg - 1 if query == "pre_seg" else seg)
                 inputs = None
-                if mode is not None:
+                if selects:
                     cls_scores = None
                     if self._cls_box is not None:
                         from ..scoring import cls_attention
@@ -323,7 +325,7 @@ class LisaHost(HostAdapter):
                         scores = cls_attention(last_clip_attention(model), self._cls_box.get())
                         if scores.shape[1] != n_img or scores.shape[0] not in (1, b):
                             raise ValueError(
-                                f"images_clip: clustering='cls' needs the tower run on one image or one per row with "
+                                f"images_clip: [CLS] attention needs the tower run on one image or one per row with "
                                 f"{n_img} patches, got [CLS] scores of shape {tuple(scores.shape)}"
                             )
                         cls_scores = [scores[r if scores.shape[0] == b else 0].cpu() for r in range(b)]

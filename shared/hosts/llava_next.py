@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..scoring import capture_input, received_attention, tower_layers
+from ..scoring import received_attention, tower_layers
 from .base import HostAdapter, register_host, session_of
 from .selection import (
     DEFAULT_PATCH,

@@ -147,7 +147,7 @@ class LVLMCSP(LayerMethod):
         sample's image (``clustering="seg_first"``). key: the image's key, seeding ``random`` and
         Seg-First's draws (see ``generator``). Returns (indices, info dict).
         """
-        from .. import clustering as cl
+        from . import lvlm_csp_clustering as cl
 
         n, nc = int(visual_tokens), self.cluster_tokens
         if nc > n:

@@ -3,7 +3,6 @@ batch equivalence, re-activation semantics, the paper's accounting, and errors (
 transformers version)."""
 from __future__ import annotations
 
-import csv
 import os
 
 import pytest
@@ -128,8 +127,9 @@ def test_batch_of_two_expressions_equals_two_single_runs(kind, impl):
 
 
 def _table6_rows():
-    with open(os.path.join(ROOT, "eval", "tables", "lvlm_csp.csv")) as f:
-        return [r for r in csv.DictReader(f) if r["method"] == "lvlm_csp" and r["tflops"]]
+    from shared import paper_figures
+
+    return [r for r in paper_figures.load("lvlm_csp") if r["method"] == "lvlm_csp" and r["tflops"]]
 
 
 #: A LISA prompt's text tokens lie in [59, 70] (LISA note §3: N_sys 35 + N_usr 21…32 + N_out 3); the

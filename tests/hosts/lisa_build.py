@@ -225,7 +225,7 @@ def driver_args(drv, ckpt: Checkpoint, out: Path, *flags: str, val: Sequence[str
     """The driver's argparse namespace for a CPU fp32 run on the fixtures."""
     argv = ["--version", str(ckpt.version), "--dataset-dir", str(FIXTURES), "--lisa-root", str(ckpt.tree.path),
             "--precision", "fp32", "--out", str(out), "--no-progress", "--val-dataset", *val, *flags]
-    return drv.build_parser().parse_args(argv)
+    return drv.parse_args(argv)
 
 
 @dataclass
@@ -264,18 +264,27 @@ def load_with_driver(drv, ckpt: Checkpoint, args) -> Loaded:
 
 
 class ForwardLog:
-    """Records every ``model(**batch, pruner=...)`` call the driver makes: the batch (without the
-    pruner), the outputs and the accounting record the patched forward appended."""
+    """Records every ``model(**batch)`` call the driver makes inside its ``shared.prune`` session: the
+    batch, the outputs and the session's record of that forward (``ForwardRecord``), plus the
+    clustering selection read off the record (per row, indices into the image tokens)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls: List[Dict[str, Any]] = []
         self._h = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, _m, _args, kwargs, output):
-        batch = {k: v for k, v in kwargs.items() if k != "pruner"}
-        pruner = kwargs.get("pruner")
-        record = pruner.records[-1] if pruner is not None and pruner.records else None  # the driver pops it next
-        self.calls.append({"batch": batch, "output": output, "record": record})
+    def _hook(self, module, _args, kwargs, output):
+        from shared.hosts import session_of
+
+        session = session_of(module)
+        record = session.last if session is not None else None
+        selection = None
+        if record is not None and record.stats.stages:
+            starts, _, _ = positions(kwargs, module.seg_token_idx, int(record.host["image_tokens"]))
+            first = record.stats.stages[0][1]
+            n = int(record.host["image_tokens"])
+            if all(len(f) < n for f in first):  # a clustering stage ran before layer 0
+                selection = [f - s for f, s in zip(first, starts)]
+        self.calls.append({"batch": dict(kwargs), "output": output, "record": record, "selection": selection})
 
     def close(self) -> None:
         self._h.remove()

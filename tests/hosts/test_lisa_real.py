@@ -6,7 +6,8 @@ LISA's own classes (LlavaConfig, LISAForCausalLM, CLIPVisionTower, SAM parts) an
 checkpoint. ``eval/LISA/eval_seg.py`` then does what its ``main`` does on a GPU: ``load_data``
 (LISA's slow tokenizer, ``ValDataset`` on the real-format fixtures, ``collate_fn``), ``load_model``
 (``LISAForCausalLM.from_pretrained`` + ``initialize_vision_modules``) and ``run`` — each image one
-``model(**batch, pruner=...)``, i.e. the patched ``model_forward(inference=True)``.
+``model(**batch)`` inside ``shared.prune(model, ..., host="lisa")``, i.e. the patched
+``model_forward(inference=True)`` reporting to the session.
 
 References, computed apart from the glue: the stock (unpatched) ``model/LISA.py`` of the same tree
 with the same weights, run as is (no method), or with the engine installed on its decoder and
@@ -108,7 +109,7 @@ def run_driver(env: Env, name: str, flags: Tuple[str, ...], monkeypatch=None) ->
     lb, drv, loaded = env.lb, env.drv, env.loaded
     args = lb.driver_args(drv, env.ckpt, env.workdir / f"run-{name}", *flags)
     detector = None
-    if "seg_first" in flags:
+    if any("seg_first" in f for f in flags):
         import shared.segfirst
 
         detector = HalvesDetector()
@@ -140,7 +141,7 @@ def test_the_driver_runs_the_patched_upstream_lisa(env):
     assert [p.name for p in tree.patches] == sorted(p.name for p in (upstream.ROOT / "patches" / "LISA").glob("*.patch"))
     patched, stock = lisa_py.read_text(), tree.stock_file("model/LISA.py")
     assert stock.count("shape[0], 255))") == 2 and "shape[0], 255))" not in patched
-    assert patched.count("shared_lisa.seg_offset(") == 2 and "shared_lisa.pruning_context(" in patched
+    assert patched.count("shared_lisa.seg_offset(") == 2 and "shared_lisa.forward_scope(" in patched
     assert type(env.stock).model_forward.__code__.co_filename.startswith(str(tree.path / "model" / "LISA.py") + " @ ")
     assert tree.source.kind in ("submodule", "snapshot")
 
@@ -153,8 +154,8 @@ def test_valdataset_reads_the_fixtures_as_lisa_does(env):
 
     lb, drv = env.lb, env.drv
     ds = env.loaded.make_dataset("refcoco|unc|val")
-    keys = drv.all_expressions(ds)
-    assert [[(e.key, e.sentence) for e in ex] for _, ex in keys] == [
+    keys = [drv.expression_keys(ds, i) for i in range(len(ds))]
+    assert [[(e["key"], e["sentence"]) for e in ex] for ex in keys] == [
         [("202:0", "man in red")],
         [("101:0", "person on the left"), ("101:1", "left guy"), ("101:2", "the dog")],
     ]
@@ -169,7 +170,7 @@ def test_valdataset_reads_the_fixtures_as_lisa_does(env):
     conv = item[3]
     assert len(conv) == 3 and all(c.count("<image>") == 1 and c.endswith("ASSISTANT: [SEG].</s>") for c in conv)
     rs = env.loaded.make_dataset("ReasonSeg|val")
-    assert [e.key for _, ex in drv.all_expressions(rs) for e in ex] == ["fixture_0001:0"]
+    assert [e["key"] for i in range(len(rs)) for e in drv.expression_keys(rs, i)] == ["fixture_0001:0"]
     gt = rs[0][4][0]
     assert set(torch.unique(gt).tolist()) == {0, 1, 255}  # target 1, the 'ignore' shape 255
 
@@ -195,7 +196,11 @@ def _csp(mode, **kw):
     return lambda: LVLMCSP(2, 64, 2, 16, clustering=mode, **kw)
 
 
-CSP = ("--prune", "csp", "--csp", "2", "64", "2", "16")
+def csp(mode, *extra):
+    return ("--method", "lvlm_csp", "--method-args", "cluster_layers=2", "cluster_tokens=64", "scatter_layers=2",
+            "prune_tokens=16", f"clustering={mode}", *extra)
+
+
 CSP_SCHEDULE = lambda n: [64, 64, n, n, 16, 16]  # noqa: E731  (Lc=2 at Nc, Ls=2 at N, then Np)
 
 
@@ -225,24 +230,23 @@ def _visionzip():
 
 CASES: Dict[str, Case] = {
     "none": Case(()),
-    "csp-uniform": Case(CSP + ("--csp-cluster", "uniform"), _csp("uniform"), schedule=CSP_SCHEDULE, selection="literal"),
-    "csp-uniform-grid-pre_seg": Case(CSP + ("--csp-cluster", "uniform", "--csp-uniform", "grid", "--seg-query", "pre_seg"),
+    "csp-uniform": Case(csp("uniform"), _csp("uniform"), schedule=CSP_SCHEDULE, selection="literal"),
+    "csp-uniform-grid-pre_seg": Case(csp("uniform", "uniform_layout=grid", "seg_query=pre_seg"),
                                      _csp("uniform", uniform_layout="grid", seg_query="pre_seg"), schedule=CSP_SCHEDULE,
                                      selection="grid"),
-    "csp-random": Case(CSP + ("--csp-cluster", "random", "--seed", "3"), _csp("random", seed=3), schedule=CSP_SCHEDULE,
-                       selection="random"),
-    "csp-cls": Case(CSP + ("--csp-cluster", "cls"), _csp("cls"), schedule=CSP_SCHEDULE, selection="cls"),
-    "csp-seg_first": Case(CSP + ("--csp-cluster", "seg_first", "--yolo-weights", "unused-yolo11n-seg.pt"),
+    "csp-random": Case(csp("random", "seed=3"), _csp("random", seed=3), schedule=CSP_SCHEDULE, selection="random"),
+    "csp-cls": Case(csp("cls"), _csp("cls"), schedule=CSP_SCHEDULE, selection="cls"),
+    "csp-seg_first": Case(csp("seg_first") + ("--yolo-weights", "unused-yolo11n-seg.pt"),
                           _csp("seg_first"), schedule=CSP_SCHEDULE, selection="seg_first"),
-    "fastv": Case(("--prune", "fastv", "--fastv-k", "2", "--fastv-r", "64"), _fastv,
+    "fastv": Case(("--method", "fastv", "--method-args", "layer=2", "keep=64"), _fastv,
                   schedule=lambda n: [n, n, 64, 64, 64, 64]),
-    "fastv-last": Case(("--prune", "fastv", "--fastv-k", "2", "--fastv-r", "64", "--query", "last"), _fastv,
+    "fastv-last": Case(("--method", "fastv", "--method-args", "layer=2", "keep=64", "--query", "last"), _fastv,
                        schedule=lambda n: [n, n, 64, 64, 64, 64], query="last"),
-    "pdrop-seg": Case(("--prune", "pdrop", "--pdrop-layers", "2", "4", "--pdrop-ratio", "0.5", "--query", "seg"), _pdrop,
+    "pdrop-seg": Case(("--method", "pdrop", "--method-args", "layers=(2,4)", "ratio=0.5", "--query", "seg"), _pdrop,
                       schedule=lambda n: [n, n, n // 2, n // 2, n // 4, n // 4], query="seg"),
-    "prumerge": Case(("--prune", "prumerge"), reducer=_prumerge(False)),
-    "prumerge_plus": Case(("--prune", "prumerge_plus"), reducer=_prumerge(True)),
-    "visionzip": Case(("--prune", "visionzip", "--visionzip-tokens", "64"), reducer=_visionzip),
+    "prumerge": Case(("--method", "prumerge"), reducer=_prumerge(False)),
+    "prumerge_plus": Case(("--method", "prumerge_plus"), reducer=_prumerge(True)),
+    "visionzip": Case(("--method", "visionzip", "--method-args", "tokens=64"), reducer=_visionzip),
 }
 
 
@@ -256,8 +260,12 @@ def expected_selection(env: Env, case: Case, batch) -> Optional[torch.Tensor]:
     if mode == "grid":  # 8 x 8 lattice on the 16 x 16 grid, cell centres: rows/cols 1, 3, ..., 15
         odd = torch.arange(1, 16, 2)
         return (odd[:, None] * 16 + odd[None, :]).reshape(-1)
-    if mode == "random":  # torch.randperm of a generator seeded with --seed
-        return torch.sort(torch.randperm(N, generator=torch.Generator().manual_seed(3))[:64]).values
+    if mode == "random":  # randperm of a generator seeded from sha256(seed, image key), the documented rule
+        import hashlib
+
+        digest = hashlib.sha256(f"3\x00{batch['image_paths'][0]}".encode()).digest()
+        seed = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+        return torch.sort(torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:64]).values
     if mode == "cls":
         with torch.no_grad():
             scores = env.lb.cls_attention_by_hand(env.stock, batch["images_clip"])
@@ -314,17 +322,17 @@ def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeyp
     assert len(run.records) == 5
     rec_iter = iter(run.records)
     for i, call in enumerate(run.calls):
-        batch, out, record = call["batch"], call["output"], call["record"]
+        batch, out, record, selection = call["batch"], call["output"], call["record"], call["selection"]
         if case.selection == "seg_first":
-            _check_seg_first(run, i, record, batch)
-        ref_pred, ref_stats, n, sel = reference(env, case, batch, drawn=record.selection)
+            _check_seg_first(run, i, record, selection, batch)
+        ref_pred, ref_stats, n, sel = reference(env, case, batch, drawn=selection)
         pred = out["pred_masks"][0]
         assert pred.shape == ref_pred.shape
         assert int((pred != ref_pred).sum()) == 0, f"{name}: image {i}: mask logits differ from the stock reference"
         if ref_stats is not None:
             assert torch.equal(record.stats.visual, ref_stats.visual) and torch.equal(record.stats.tokens, ref_stats.tokens)
         if sel is not None:
-            assert [s.tolist() for s in record.selection] == [s.tolist() for s in sel]
+            assert [s.tolist() for s in selection] == [s.tolist() for s in sel]
         _, _, valid = env.lb.positions(batch, env.loaded.seg_token_idx, n)
         for r in range(len(valid)):
             rec = next(rec_iter)
@@ -341,7 +349,7 @@ def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeyp
             assert not torch.equal(call["output"]["pred_masks"][0], plain["output"]["pred_masks"][0])
 
 
-def _check_seg_first(run: Run, i: int, record, batch) -> None:
+def _check_seg_first(run: Run, i: int, record, selection, batch) -> None:
     """Seg-First read the original image from the batch's path and mapped the known instances:
     the edge strip outside the centre crop gets no quota, the halves 32 each of Nc = 64."""
     import cv2
@@ -350,13 +358,14 @@ def _check_seg_first(run: Run, i: int, record, batch) -> None:
     path = batch["image_paths"][0]
     assert np.array_equal(img, cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
     h, w = img.shape[:2]
-    quotas = record.info["quotas"]
+    info = record.info[0]
+    quotas = info["quotas"]
     quotas = quotas.tolist() if hasattr(quotas, "tolist") else list(quotas)
     assert quotas == ([32, 32, 0] if w > h else [32, 32])
-    assert record.info["instances"] == (3 if w > h else 2) and not record.info["fallback_used"]
-    for s in record.selection:
+    assert record.host["instances"] == (3 if w > h else 2) and not info["fallback_used"]
+    for s in selection:
         assert int((s < 128).sum()) == 32 and int((s >= 128).sum()) == 32  # top half = grid rows 0-7
-    assert all(torch.equal(s, record.selection[0]) for s in record.selection)
+    assert all(torch.equal(s, selection[0]) for s in selection)
 
 
 def test_lisa_tail_transcription_equals_the_stock_forward(env):
@@ -376,8 +385,168 @@ def test_metrics_summarise_the_records(env):
     run = run_driver(env, "none", CASES["none"].flags)
     ref = run.records[:4]
     ious = [r["intersection"][1] / (r["union"][1] + 1e-5) for r in ref]
-    s = run.summary["datasets"]["refcoco|unc|val"]
+    s = run.summary["benchmarks"]["refcoco_unc_val"]["metrics"]
     assert s["gIoU"] == pytest.approx(100 * sum(ious) / 4, abs=1e-9)
     assert s["cIoU"] == pytest.approx(100 * sum(r["intersection"][1] for r in ref) /
                                       (sum(r["union"][1] for r in ref) + 1e-10), abs=1e-9)
     assert 0 < s["gIoU"] < 100  # a random model: neither empty nor perfect masks
+
+
+# ------------------------------------------------------------------------- the driver's loop
+def _drive(env: Env, out: Path, *flags: str, val=("refcoco|unc|val",), run_env=None, **arg_overrides):
+    args = env.lb.driver_args(env.drv, env.ckpt, out, *flags, val=val)
+    for k, v in arg_overrides.items():
+        setattr(args, k, v)
+    with env.lb.cpu_cuda_calls():
+        return env.drv.run(args, env.loaded.model, env.loaded.make_dataset, env.loaded.collate, env.loaded.dims,
+                           torch.device("cpu"), env.loaded.dtype, env=run_env or {})
+
+
+def _lines(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_and_other_settings_are_refused(env, monkeypatch):
+    base = run_driver(env, "fastv", CASES["fastv"].flags)
+    out = env.workdir / "resume"
+    calls = []
+    original = type(env.loaded.model).forward
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(type(env.loaded.model), "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _drive(env, out, *CASES["fastv"].flags)
+    assert [r["key"] for r in _lines(out / "refcoco_unc_val.jsonl")] == ["202:0"]
+    calls.clear()
+    monkeypatch.setattr(type(env.loaded.model), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    _drive(env, out, *CASES["fastv"].flags)
+    assert len(calls) == 1  # only image 101 was run again
+    got = _lines(out / "refcoco_unc_val.jsonl")
+    want = [r for r in base.records if r["key"] in {g["key"] for g in got}]
+    assert [(r["key"], r["intersection"], r["union"]) for r in got] == [(r["key"], r["intersection"], r["union"])
+                                                                       for r in want]
+    for flag, value, field_ in (("--seed", "1", "seed"), ("--precision", "bf16", "precision"),
+                                ("--dataset-dir", str(env.workdir), "dataset_dir")):
+        with pytest.raises(ValueError, match=rf"^out: .*other settings .*'{field_}'"):
+            _drive(env, out, *CASES["fastv"].flags, flag, value)
+
+
+def test_a_missing_image_is_named_and_can_be_skipped(env, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env.lb.FIXTURES, data)
+    images = sorted((data / "refer_seg" / "images" / "mscoco" / "images" / "train2014").glob("*.jpg"))
+    gone = next(p for p in images if "101" in p.name)
+    gone.unlink()
+    loaded = env.lb.load_with_driver(env.drv, env.ckpt, env.lb.driver_args(env.drv, env.ckpt, tmp_path / "probe"))
+    args = env.lb.driver_args(env.drv, env.ckpt, tmp_path / "raise", val=("refcoco|unc|val",))
+    args.dataset_dir = str(data)
+    make = env.drv.load_data(args)[3]
+    with pytest.raises(FileNotFoundError, match=rf"^image: {gone} does not exist"), env.lb.cpu_cuda_calls():
+        env.drv.run(args, loaded.model, make, loaded.collate, loaded.dims, torch.device("cpu"), loaded.dtype, env={})
+    assert not (tmp_path / "raise" / "table.md").exists()
+    args.out, args.on_error = str(tmp_path / "skip"), "skip"
+    with env.lb.cpu_cuda_calls():
+        summary = env.drv.run(args, loaded.model, make, loaded.collate, loaded.dims, torch.device("cpu"), loaded.dtype,
+                              env={})
+    recs = _lines(tmp_path / "skip" / "refcoco_unc_val.jsonl")
+    assert [r["key"] for r in recs] == ["202:0", "101:0", "101:1", "101:2"]
+    assert all(r["skipped"].startswith("FileNotFoundError: image:") for r in recs[1:]) and "skipped" not in recs[0]
+    b = summary["benchmarks"]["refcoco_unc_val"]
+    assert (b["n"], b["skipped"]) == (1, 3)
+    assert "| 3 |" in (tmp_path / "skip" / "table.md").read_text()
+
+
+def test_a_split_without_data_is_refused_before_anything_runs(env):
+    out = env.workdir / "empty"
+    with pytest.raises(ValueError, match=r"^val_dataset: ReasonSeg\|test has no images"):
+        _drive(env, out, val=("refcoco|unc|val", "ReasonSeg|test"))
+    with pytest.raises(ValueError, match=r"^val_dataset: refcoco\|unc\|testB has no expressions in .*refs\(unc\).p"):
+        _drive(env, out, val=("refcoco|unc|val", "refcoco|unc|testB"))
+    assert not (out / "table.md").exists() and not (out / "refcoco_unc_val.jsonl").exists()
+
+
+def test_a_sharded_run_merges_to_the_single_process_result(env):
+    base = run_driver(env, "csp-uniform", CASES["csp-uniform"].flags)
+    out = env.workdir / "sharded"
+    val = ("refcoco|unc|val", "ReasonSeg|val")
+    for rank in (1, 0):
+        assert _drive(env, out, *CASES["csp-uniform"].flags, val=val,
+                      run_env={"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}) is None
+    assert not (out / "refcoco_unc_val.jsonl").exists()
+    summary = _drive(env, out, *CASES["csp-uniform"].flags, val=val, merge_only=True,
+                     run_env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    merged = _lines(out / "refcoco_unc_val.jsonl") + _lines(out / "ReasonSeg_val.jsonl")
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in merged] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in base.records]
+    assert summary["benchmarks"]["refcoco_unc_val"]["metrics"]["gIoU"] == \
+        base.summary["benchmarks"]["refcoco_unc_val"]["metrics"]["gIoU"]
+
+
+def test_a_reducer_stacks_with_fastv_and_needs_are_refused(env):
+    run = run_driver(env, "visionzip+fastv", ("--pre", "visionzip", "--pre-args", "tokens=64",
+                                              "--method", "fastv", "--method-args", "layer=2", "keep=16"))
+    for r in run.records:
+        assert r["visual_per_layer"] == [64, 64, 16, 16, 16, 16] and r["visual_tokens"] == N
+        assert r["pruning_ratio"] == pytest.approx(1 - (2 * 64 + 4 * 16) / 6 / N)
+    base = run_driver(env, "visionzip", CASES["visionzip"].flags)
+    assert any(not torch.equal(a["output"]["pred_masks"][0], b["output"]["pred_masks"][0])
+               for a, b in zip(run.calls, base.calls))
+    with pytest.raises(ValueError, match=r"^method: segpruner needs 'geometry' .*host 'lisa'"):
+        _drive(env, env.workdir / "refused", "--method", "segpruner")
+    with pytest.raises(ValueError, match=r"^method: lvlm_csp needs 'instance_masks' .*pass mask_source="):
+        import shared
+
+        with shared.prune(env.loaded.model, shared.LVLMCSP(2, 64, 2, 16, clustering="seg_first"), host="lisa"):
+            pass
+
+
+@pytest.mark.parametrize("label", [label for label, _ in __import__("shared.apps.matrix", fromlist=["ROWS"]).ROWS])
+def test_matrix_cell_on_lisa(env, label):
+    """Each row of ``python -m shared.apps.matrix`` on the real patched LISA (one image, 3 expressions): a ✔
+    in-LLM cell keeping every token gives LISA's masks bit for bit and a pruning config follows its
+    schedule; a reducer sends its K tokens; a ✘ cell is refused naming the need."""
+    from dataclasses import replace
+
+    import shared
+    from shared.apps import matrix
+    from shared.needs import MissingNeed
+
+    method = dict(matrix.ROWS)[label]
+    cell = matrix.cell(method, "lisa")
+    model = env.loaded.model
+    if cell.startswith("✘"):
+        need = cell[2:].split(",")[0]
+        with pytest.raises(MissingNeed, match=rf"^method: {method.name} needs .*'{need}'.*host 'lisa'"):
+            with shared.prune(model, method):
+                pass
+        return
+    ds = env.loaded.make_dataset("refcoco|unc|val")
+    batch = env.drv.to_device(env.loaded.collate([ds[1]]), "cpu", env.loaded.dtype)
+    opts = {"mask_source": HalvesDetector()} if "mask_source=" in cell else {}
+    with torch.no_grad(), env.lb.cpu_cuda_calls():
+        stock = model(**batch)["pred_masks"][0]
+        if method.stage == "llm":
+            full = {"fastv": lambda m: replace(m, keep=None, keep_ratio=1.0), "pdrop": lambda m: replace(m, ratio=1.0)
+                    }.get(method.name, lambda m: replace(m, cluster_tokens=N, prune_tokens=N))(method)
+            with shared.prune(model, full, **opts):
+                out = model(**batch)["pred_masks"][0]
+            assert int((out != stock).sum()) == 0, f"{label}: keeping every token changed LISA's masks"
+            with shared.prune(model, method, **opts) as session:
+                model(**batch)
+            vis = session.last.stats.visual[0].tolist()
+            assert vis == (method.schedule(N, LAYERS, vis[0]) if method.name == "lvlm_csp" else method.schedule(N, LAYERS))
+        else:
+            small = replace(method, adaptive=False, reduction_ratio=0.25) if method.name.startswith("prumerge") else method
+            with shared.prune(model, small) as session:
+                model(**batch)
+            rec = session.last
+            k = rec.host["image_tokens"]
+            assert rec.stats.visual[0].tolist() == [k] * LAYERS and k < N and rec.stats.visual_tokens.tolist() == [N] * 3

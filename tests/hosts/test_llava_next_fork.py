@@ -84,28 +84,29 @@ def test_scene_geometry_is_usable(env):
 @pytest.mark.parametrize("r", [0.0, 0.25])
 @pytest.mark.parametrize("mode,tokens", [("per_view", 40), ("per_scene", 90)])
 def test_segpruner_keeps_what_select_picks_on_independent_inputs(env, mode, tokens, r):
-    from shared.hosts import llava_next
-    from shared.hosts.selection import scene_context
+    import shared
     from shared.methods.segpruner import SeGPruner
 
     nb, model = env.nb, env.model
     pruner = SeGPruner(tokens=tokens, important_ratio=r, mode=mode)
     cap = nb.DecoderInputs(model)
     try:
-        with torch.no_grad(), llava_next.attach(model) as sess, scene_context(pruner, views=env.scene.prep) as ctx:
+        with torch.no_grad(), shared.prune(model, pruner, host="llava_next", views=[env.scene.prep]) as sess:
             model.generate(env.ids, images=env.scene.images, image_sizes=[(384, 384)] * VIEWS,
                            modalities=["image"], max_new_tokens=1, do_sample=False)
     finally:
         cap.close()
-    (rec,) = ctx.records
+    (record,) = sess.records
+    keep = record.pre_llm[0]["keep"]
     want = pruner.select(env.saliency, env.features, env.centroids, env.valid)
-    assert rec.keep.shape == (VIEWS, 729)
-    assert int((rec.keep != want).sum()) == 0, f"{int((rec.keep != want).sum())} of {VIEWS} x 729 tokens differ"
+    assert keep.shape == (VIEWS, 729)
+    assert int((keep != want).sum()) == 0, f"{int((keep != want).sum())} of {VIEWS} x 729 tokens differ"
     if mode == "per_view":
-        assert rec.per_view == [tokens] * VIEWS
+        assert record.pre_llm[0]["per_view"] == [tokens] * VIEWS
     else:
-        assert rec.grid_tokens == tokens
-    assert sess.visual_tokens == [rec.grid_tokens + VIEWS]  # kept tokens + one newline per view
+        assert int(keep.sum()) == tokens
+    assert record.stats.visual[0, 0] == int(keep.sum()) + VIEWS  # kept tokens + one newline per view
+    assert record.stats.visual_tokens.tolist() == [VIEWS * 730]
     with torch.no_grad():
         expect = nb.llm_input_by_hand(model, env.ids, env.features, want)
     got = cap.embeds[0]
@@ -113,9 +114,9 @@ def test_segpruner_keeps_what_select_picks_on_independent_inputs(env, mode, toke
     assert torch.allclose(got, expect, atol=1e-6, rtol=0)
     # the geometry reached the selector: without it (all centroids at one point) the picks differ
     flat = pruner.select(env.saliency, env.features, torch.zeros_like(env.centroids), env.valid)
-    assert int((flat != rec.keep).sum()) > 0
+    assert int((flat != keep).sum()) > 0
     if r == 0:  # every token comes from the sampler, which only takes tokens with depth
-        assert not bool((rec.keep & ~env.valid).any())
+        assert not bool((keep & ~env.valid).any())
 
 
 def test_fork_check_script_runs_in_process(env, capsys):
@@ -123,3 +124,54 @@ def test_fork_check_script_runs_in_process(env, capsys):
     rows reach the LLM, FastV through P3 (alone and after selection), left padding."""
     env.fork_check.main()
     assert "fork check OK" in capsys.readouterr().out
+
+
+def _fork_method(label, method, n):
+    """A matrix row's method at the fork's sizes: (pruning config, keep-everything config or None)."""
+    from dataclasses import replace
+
+    if label.startswith("fastv"):
+        return method, replace(method, keep=None, keep_ratio=1.0)
+    if label.startswith("pdrop"):
+        return method, replace(method, ratio=1.0)
+    if label.startswith("lvlm_csp"):
+        return replace(method, cluster_tokens=300, prune_tokens=40), replace(method, cluster_tokens=n, prune_tokens=n)
+    if label == "segpruner":
+        return replace(method, tokens=40, important_ratio=0.25), replace(method, tokens=729, important_ratio=1.0)
+    return method, None
+
+
+@pytest.mark.parametrize("label", [label for label, _ in __import__("shared.apps.matrix", fromlist=["ROWS"]).ROWS])
+def test_matrix_cell_on_the_fork(env, label):
+    """Each row of ``python -m shared.apps.matrix`` on the real fork: a ✔ cell keeping everything generates
+    what the unpruned fork generates and a pruning config follows its schedule; a ✘ cell is refused
+    naming the need."""
+    import shared
+    from shared.apps import matrix
+    from shared.needs import MissingNeed
+
+    method = dict(matrix.ROWS)[label]
+    cell = matrix.cell(method, "llava_next")
+    model, n = env.model, VIEWS * 730
+    kw = dict(images=env.scene.images, image_sizes=[(384, 384)] * VIEWS, modalities=["image"], do_sample=False)
+    opts = {"views": [env.scene.prep]}
+    if cell.startswith("✘"):
+        need = cell[2:].split(",")[0]
+        with pytest.raises(MissingNeed, match=rf"^method: {method.name} needs .*'{need}'.*host 'llava_next'"):
+            with shared.prune(model, method, **opts):
+                pass
+        return
+    prune_cfg, full = _fork_method(label, method, n)
+    with torch.no_grad():
+        stock = model.generate(env.ids, max_new_tokens=3, **kw)
+        with shared.prune(model, full, **opts) as session:
+            out = model.generate(env.ids, max_new_tokens=3, **kw)
+        assert torch.equal(out, stock), f"{label}: keeping everything changed the generation"
+        with shared.prune(model, prune_cfg, **opts) as session:
+            model.generate(env.ids, max_new_tokens=2, **kw)
+    vis = session.last.stats.visual[0].tolist()
+    if prune_cfg.stage == "llm":
+        assert vis == (prune_cfg.schedule(n, len(vis), vis[0]) if label.startswith("lvlm_csp")
+                       else prune_cfg.schedule(n, len(vis)))
+    else:
+        assert vis == [VIEWS * 41] * len(vis)  # 40 kept grid tokens + a newline per view

@@ -1,6 +1,6 @@
 """The method × host matrix, computed from what methods need and hosts provide.
 
-    python -m shared.matrix            # the README's table (markdown)
+    python -m shared.apps.matrix            # the README's table (markdown)
 
 A cell is ``✔`` (the host provides every need), ``✔ views=`` (with that host option) or
 ``✘ need`` (the first need the host cannot provide). ``tests/test_matrix.py`` runs every ✔ cell on a
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, List, Sequence, Tuple
 
-from .hosts.base import host_class, host_names
-from .methods import FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, SeGPruner, VisionZip
-from .needs import method_needs
+from ..hosts.base import host_class, host_names
+from ..methods import FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, SeGPruner, VisionZip
+from ..needs import method_needs
 
 #: One row per method (LVLM_CSP once per clustering input it can need).
 ROWS: List[Tuple[str, Any]] = [

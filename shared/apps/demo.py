@@ -1,7 +1,7 @@
 """Main job: in-decoder pruning on a LLaVA model, with exact accounting and the papers' figures.
 
-    python -m shared.demo                                   # tiny random LLaVA-1.5 built from config
-    python -m shared.demo --model /path/llava-1.5-7b-hf --image img.jpg --prompt "What is in the image?"
+    python -m shared.apps.demo                                   # tiny random LLaVA-1.5 built from config
+    python -m shared.apps.demo --model /path/llava-1.5-7b-hf --image img.jpg --prompt "What is in the image?"
 
 It runs the unpruned model, FastV, PyramidDrop and LVLM_CSP through the engine on the same prompt
 (576 image tokens, as LLaVA-1.5 at 336 px), prints the visual tokens each decoder layer saw, the
@@ -18,10 +18,10 @@ from typing import List, Optional
 
 import torch
 
-from .accounting import CONVENTIONS, DIMS, Efficiency
-from .session import prune
-from .methods import FastV, PyramidDrop
-from .methods.lvlm_csp import LVLMCSP, preset
+from ..accounting import CONVENTIONS, DIMS, Efficiency
+from ..session import prune
+from ..methods import FastV, PyramidDrop
+from ..methods.lvlm_csp import LVLMCSP, preset
 from .paper_tables import all_rows, format_rows
 
 

@@ -1,7 +1,7 @@
 """SeGPruner demo: 12 posed RGB-D views -> LLaVA-OneVision with per-view and per-scene selection.
 
-    python -m shared.demo_segpruner --out outputs/segpruner_demo
-    python -m shared.demo_segpruner --out DIR --model /path/llava-onevision-qwen2-7b-ov-hf \\
+    python -m shared.apps.demo_segpruner --out outputs/segpruner_demo
+    python -m shared.apps.demo_segpruner --out DIR --model /path/llava-onevision-qwen2-7b-ov-hf \\
         --scene /data/frames12/scene0011_00 --question "What is in the corner?"
 
 Default: a synthetic ray-cast room (``shared.datasets.make_room_scene``, 12 views of 384x288) and a
@@ -30,11 +30,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .accounting import CONVENTIONS, DIMS, Efficiency
-from .hosts.hf_onevision import grid_of, multiview_inputs
-from .hosts.selection import SceneGeometry, geometry_from_views
-from .session import prune
-from .methods.segpruner import SeGPruner
+from ..accounting import CONVENTIONS, DIMS, Efficiency
+from ..hosts.hf_onevision import grid_of, multiview_inputs
+from ..hosts.selection import SceneGeometry, geometry_from_views
+from ..session import prune
+from ..methods.segpruner import SeGPruner
 
 IMAGE_TOKEN = 1000  # the tiny model's <image> id (vocabulary of 1024)
 
@@ -78,7 +78,7 @@ def real_model(path: str, device: str, dtype: str):
 
 
 def load_scene(path: str, views: int, size: int):
-    from .datasets import (list_openeqa_frames, list_scannet_frames, load_openeqa_episode, load_scannet_scene,
+    from ..datasets import (list_openeqa_frames, list_scannet_frames, load_openeqa_episode, load_scannet_scene,
                            prepare_views, sample_indices)
 
     scannet = os.path.isdir(os.path.join(path, "color"))
@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inputs = multiview_inputs(model, tokenizer, processor, prompt, [Image.fromarray(im) for im in prep.images])
         source = f"{args.scene} ({len(prep.images)} views), model {args.model}"
     else:
-        from .datasets import make_room_scene, prepare_views
+        from ..datasets import make_room_scene, prepare_views
 
         model = tiny_onevision()
         prep = prepare_views(make_room_scene(n_views=args.views, height=288, width=384), size=384, padding="mean")

@@ -5,6 +5,11 @@ The probe reproduces what the layer's eager attention would compute for a few qu
 the tokens' original positions, grouped-query heads expanded, causal + padding mask applied, softmax
 in float32, then averaged over heads. Cost: one K projection of the n active tokens and a
 (heads × q_rows × n) product, so it works identically under eager, SDPA and flash attention.
+
+Precision: q and k come out of the model's own projections in the model's dtype; the logits are
+formed in that dtype and the softmax is taken in float32. In bf16/fp16 models exact or near ties can
+therefore rank differently from a stock eager attention map in bf16 (which rounds the probabilities
+to bf16 before any head mean); the kept sets are those of the float32 probabilities.
 """
 from __future__ import annotations
 
