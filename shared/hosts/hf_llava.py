@@ -85,6 +85,47 @@ class NativeHost(HostAdapter):
     def image_token(self) -> int:
         return int(self.model.config.image_token_id)
 
+    # --------------------------------------------------------------- the hooks
+    def install(self, session: Any, stack: ExitStack) -> None:
+        """A model pre-hook reads each prefill's prompt (``input_ids``), ``capture`` installs what the
+        host records from the model's own tower forward, a decoder pre-hook hands the prefill to the
+        session (``prefill``, which may replace the decoder's kwargs) and a decoder hook closes it."""
+        pending: Dict[str, Any] = {}
+        self.capture(session, stack)
+
+        def on_model(_m, args, kwargs):
+            got = self._read_prompt(kwargs, args)
+            if got is not None:
+                self.check_prompt(session, got, kwargs)
+                pending.clear()
+                pending.update(got)
+
+        def on_decoder(_m, args, kwargs):
+            if not pending:
+                return None
+            prompt = dict(pending)
+            pending.clear()
+            new_kwargs = self.prefill(session, prompt, kwargs)
+            return None if new_kwargs is None else (args, new_kwargs)
+
+        def after_decoder(_m, _args, _kwargs, _out):
+            session.finish()
+
+        dec = self.decoder()
+        stack.callback(self.model.register_forward_pre_hook(on_model, with_kwargs=True).remove)
+        stack.callback(dec.register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
+        stack.callback(dec.register_forward_hook(after_decoder, with_kwargs=True).remove)
+
+    def capture(self, session: Any, stack: ExitStack) -> None:
+        """Install the tower hooks the session's methods need (default: none)."""
+
+    def check_prompt(self, session: Any, prompt: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
+        """Refuse a prompt this host cannot lay out, before the model runs (default: accept)."""
+
+    def prefill(self, session: Any, prompt: Dict[str, Any], kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Report one prefill to the session; return replaced decoder kwargs or None."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def _read_prompt(self, kwargs: Dict[str, Any], args: tuple) -> Optional[Dict[str, Any]]:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or not _is_prefill(kwargs.get("past_key_values")):
@@ -129,93 +170,71 @@ class HFLlavaHost(NativeHost):
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__name__ == "LlavaForConditionalGeneration"
 
-    def install(self, session: Any, stack: ExitStack) -> None:
-        from ..scoring import capture_input, cls_attention, tower_layers
+    def capture(self, session: Any, stack: ExitStack) -> None:
+        from ..scoring import capture_input, tower_layers
 
-        core = self.core()
-        tower = core.vision_tower
-        pre, method = session.pre, session.method
-        pending: Dict[str, Any] = {}
-        needs = set()
-        for m in session.methods:
-            needs |= set(m.needs())
-        cls_box = tower_box = None
+        needs = set().union(*(m.needs() for m in session.methods)) if session.methods else set()
+        self._cls_box = self._tower_box = None
         if "cls_attention" in needs:
-            cls_box = stack.enter_context(capture_input(tower_layers(tower)[-1].self_attn))
+            self._cls_box = stack.enter_context(capture_input(tower_layers(self.core().vision_tower)[-1].self_attn))
+        if session.pre is not None:
+            self._tower_box = stack.enter_context(session.pre.capture_during(self.core().vision_tower))
+
+    def prefill(self, session: Any, prompt: Dict[str, Any], kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        from ..scoring import cls_attention, tower_layers
+
+        core, pre, method = self.core(), session.pre, session.method
+        ids, visual, gi = prompt["ids"], prompt["visual"], prompt["guidance"]
+        rows = ids.shape[0]
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[:2] != ids.shape:
+            raise RuntimeError("model: the LLaVA decoder did not receive the spliced (B, L, D) inputs_embeds")
+        counts = visual.sum(1)
+        input_keep, pre_llm, source, new_kwargs = None, None, None, None
         if pre is not None:
-            tower_box = stack.enter_context(pre.capture_during(tower))
-
-        def on_model(_m, args, kwargs):
-            got = self._read_prompt(kwargs, args)
-            if got is not None:
-                pending.clear()
-                pending.update(got)
-
-        def on_decoder(_m, args, kwargs):
-            if not pending:
-                return None
-            ids, visual, gi = pending.pop("ids"), pending.pop("visual"), pending.pop("guidance")
-            rows = ids.shape[0]
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is None or embeds.shape[:2] != ids.shape:
-                raise RuntimeError("model: the LLaVA decoder did not receive the spliced (B, L, D) inputs_embeds")
-            counts = visual.sum(1)
-            input_keep, pre_llm, source = None, None, None
-            if pre is not None:
-                reduced = pre.reduce(tower_box.inputs())
-                k = rows_per_image(rows, reduced.features.shape[0], "pixel_values")
-                proj = core.multi_modal_projector(reduced.features.to(embeds.dtype))  # (images, K, D)
-                embeds = embeds.clone()
-                input_keep = torch.ones_like(visual)
-                pre_llm = []
-                for b in range(rows):
-                    i = b // k
-                    pos = torch.nonzero(visual[b], as_tuple=False).flatten()
-                    n_out = int(reduced.counts[i])
-                    if n_out > pos.numel():
-                        raise ValueError(f"pixel_values: the reducer emits {n_out} tokens for {pos.numel()} placeholders")
-                    embeds[b, pos[:n_out]] = proj[i, :n_out].to(embeds.dtype)
-                    input_keep[b, pos[n_out:]] = False
-                    if b % k == 0:
-                        pre_llm.append({"tokens": n_out, "indices": reduced.indices[i, :n_out].cpu()})
-                source = counts
-                kwargs = dict(kwargs, inputs_embeds=embeds)
-            images = rows
-            selection_inputs = None
-            if method is not None and method.uses_selection:
-                if cls_box is not None:
-                    scores = cls_attention(tower_layers(tower)[-1].self_attn, cls_box.get())
-                    images = scores.shape[0]
-                    k = rows_per_image(rows, images, "pixel_values")
-                    per_image_n = [int(n) for n in counts[::k]]
-                    for i, n in enumerate(per_image_n):
-                        if scores.shape[1] != n:
-                            raise ValueError(
-                                f"pixel_values: [CLS] attention needs one image per sample whose {scores.shape[1]} "
-                                f"patches are the sample's image tokens, sample {i} has {n}"
-                            )
-                else:
-                    scores = None
-                masks = self._per_image("grid_masks", images)
-                keys = self._image_keys(images, embeds, visual, rows)
-                selection_inputs = [
-                    {"cls_scores": None if scores is None else scores[i].cpu(), "grid_masks": masks[i], "key": keys[i]}
-                    for i in range(images)
-                ]
-            session.prefill(
-                visual_mask=visual, attention_mask=kwargs.get("attention_mask"), query_index=self.opts["query_index"],
-                guidance_index=gi, sample_keys=self.opts["sample_keys"], input_keep=input_keep,
-                selection_inputs=selection_inputs, pre_llm=pre_llm, source_visual=source,
-            )
-            return args, kwargs
-
-        def after_decoder(_m, _args, _kwargs, _out):
-            session.finish()
-
-        stack.callback(self.model.register_forward_pre_hook(on_model, with_kwargs=True).remove)
-        dec = self.decoder()
-        stack.callback(dec.register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
-        stack.callback(dec.register_forward_hook(after_decoder, with_kwargs=True).remove)
+            reduced = pre.reduce(self._tower_box.inputs())
+            k = rows_per_image(rows, reduced.features.shape[0], "pixel_values")
+            proj = core.multi_modal_projector(reduced.features.to(embeds.dtype))  # (images, K, D)
+            embeds = embeds.clone()
+            input_keep = torch.ones_like(visual)
+            pre_llm = []
+            for b in range(rows):
+                i = b // k
+                pos = torch.nonzero(visual[b], as_tuple=False).flatten()
+                n_out = int(reduced.counts[i])
+                if n_out > pos.numel():
+                    raise ValueError(f"pixel_values: the reducer emits {n_out} tokens for {pos.numel()} placeholders")
+                embeds[b, pos[:n_out]] = proj[i, :n_out].to(embeds.dtype)
+                input_keep[b, pos[n_out:]] = False
+                if b % k == 0:
+                    pre_llm.append({"tokens": n_out, "indices": reduced.indices[i, :n_out].cpu()})
+            source = counts
+            new_kwargs = dict(kwargs, inputs_embeds=embeds)
+        selection_inputs = None
+        if method is not None and method.uses_selection:
+            images, scores = rows, None
+            if self._cls_box is not None:
+                scores = cls_attention(tower_layers(core.vision_tower)[-1].self_attn, self._cls_box.get())
+                images = scores.shape[0]
+                k = rows_per_image(rows, images, "pixel_values")
+                for i, n in enumerate(int(n) for n in counts[::k]):
+                    if scores.shape[1] != n:
+                        raise ValueError(
+                            f"pixel_values: [CLS] attention needs one image per sample whose {scores.shape[1]} "
+                            f"patches are the sample's image tokens, sample {i} has {n}"
+                        )
+            masks = self._per_image("grid_masks", images)
+            keys = self._image_keys(images, embeds, visual, rows)
+            selection_inputs = [
+                {"cls_scores": None if scores is None else scores[i].cpu(), "grid_masks": masks[i], "key": keys[i]}
+                for i in range(images)
+            ]
+        session.prefill(
+            visual_mask=visual, attention_mask=kwargs.get("attention_mask"), query_index=self.opts["query_index"],
+            guidance_index=gi, sample_keys=self.opts["sample_keys"], input_keep=input_keep,
+            selection_inputs=selection_inputs, pre_llm=pre_llm, source_visual=source,
+        )
+        return new_kwargs
 
 
 __all__ = ["HFLlavaHost", "NativeHost", "guidance_positions", "rows_per_image"]

@@ -72,74 +72,54 @@ class HFOneVisionHost(NativeHost):
         if self.opts["on_invalid_pose"] not in ("raise", "exclude"):
             raise ValueError(f"on_invalid_pose: expected 'raise' or 'exclude', got {self.opts['on_invalid_pose']!r}")
 
-    def install(self, session: Any, stack: ExitStack) -> None:
-        core = self.core()
+    def capture(self, session: Any, stack: ExitStack) -> None:
+        self._attn_box = self._proj_box = None
+        if session.pre is not None:
+            self._attn = producer_attention(self.model)
+            self._attn_box = stack.enter_context(capture_input(self._attn))
+            self._proj_box = stack.enter_context(capture_input(self.core().multi_modal_projector))
+
+    def check_prompt(self, session: Any, prompt: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
+        if session.pre is not None:
+            p = grid_of(self.model) ** 2
+            _check_views(prompt["visual"].sum(1).tolist(), model_kwargs.get("batch_num_images"), p)
+
+    def prefill(self, session: Any, prompt: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
         pre = session.pre
         grid = grid_of(self.model)
         p = grid * grid
-        pending: Dict[str, Any] = {}
-        attn_box = proj_box = None
-        attn = None
+        ids, visual, gi = prompt["ids"], prompt["visual"], prompt["guidance"]
+        rows = ids.shape[0]
+        counts = visual.sum(1)
+        input_keep, pre_llm = None, None
         if pre is not None:
-            attn = producer_attention(self.model)
-            attn_box = stack.enter_context(capture_input(attn))
-            proj_box = stack.enter_context(_capture_first_arg(core.multi_modal_projector))
-
-        def on_model(_m, args, kwargs):
-            got = self._read_prompt(kwargs, args)
-            if got is not None:
-                if pre is not None:
-                    _check_views(got["visual"].sum(1).tolist(), kwargs.get("batch_num_images"), p)
-                pending.clear()
-                pending.update(got)
-
-        def on_decoder(_m, args, kwargs):
-            if not pending:
-                return None
-            ids, visual, gi = pending.pop("ids"), pending.pop("visual"), pending.pop("guidance")
-            rows = ids.shape[0]
-            counts = visual.sum(1)
+            _check_views(counts.tolist(), None, p)
             views = [int(c) // (p + 1) for c in counts]
-            input_keep, pre_llm = None, None
-            if pre is not None:
-                _check_views(counts.tolist(), None, p)
-                feats, hidden = proj_box.get(), attn_box.get()
-                total = feats.shape[0]
-                per_row = views
-                k = _rows_per_sample(rows, per_row, total)
-                starts, s = [], 0
-                for v in per_row[::k]:
-                    starts.append(s)
-                    s += v
-                geometry = geometry_per_sample(self.opts["views"], len(starts), grid, self.opts["patch"],
-                                               on_invalid_pose=self.opts["on_invalid_pose"],
-                                               compat_released=self.opts["compat_released"])
-                keeps, pre_llm = [], []
-                for i, (s0, v) in enumerate(zip(starts, per_row[::k])):
-                    sl = slice(s0, s0 + v)
-                    sal = received_attention(attn, hidden[sl])
-                    keep = run_selector(pre, sal, feats[sl], geometry[i], grid)
-                    keeps.append(keep)
-                    pre_llm.append(selection_record(keep, sal, newline=True))
-                input_keep = torch.ones_like(visual)
-                for b in range(rows):
-                    pos = torch.nonzero(visual[b], as_tuple=False).flatten().view(-1, p + 1)
-                    grid_pos = pos[:, :p]
-                    input_keep[b, grid_pos[~keeps[b // k].to(grid_pos.device)]] = False
-            session.prefill(
-                visual_mask=visual, attention_mask=kwargs.get("attention_mask"), query_index=self.opts["query_index"],
-                guidance_index=gi, sample_keys=self.opts["sample_keys"], input_keep=input_keep, pre_llm=pre_llm,
-                source_visual=counts if input_keep is not None else None,
-            )
-            return None
-
-        def after_decoder(_m, _args, _kwargs, _out):
-            session.finish()
-
-        stack.callback(self.model.register_forward_pre_hook(on_model, with_kwargs=True).remove)
-        dec = self.decoder()
-        stack.callback(dec.register_forward_pre_hook(on_decoder, with_kwargs=True).remove)
-        stack.callback(dec.register_forward_hook(after_decoder, with_kwargs=True).remove)
+            feats, hidden = self._proj_box.get(), self._attn_box.get()
+            k = _rows_per_sample(rows, views, feats.shape[0])
+            starts, s = [], 0
+            for v in views[::k]:
+                starts.append(s)
+                s += v
+            geometry = geometry_per_sample(self.opts["views"], len(starts), grid, self.opts["patch"],
+                                           on_invalid_pose=self.opts["on_invalid_pose"],
+                                           compat_released=self.opts["compat_released"])
+            keeps, pre_llm = [], []
+            for i, (s0, v) in enumerate(zip(starts, views[::k])):
+                sl = slice(s0, s0 + v)
+                sal = received_attention(self._attn, hidden[sl])
+                keep = run_selector(pre, sal, feats[sl], geometry[i], grid)
+                keeps.append(keep)
+                pre_llm.append(selection_record(keep, sal, newline=True))
+            input_keep = torch.ones_like(visual)
+            for b in range(rows):
+                grid_pos = torch.nonzero(visual[b], as_tuple=False).flatten().view(-1, p + 1)[:, :p]
+                input_keep[b, grid_pos[~keeps[b // k].to(grid_pos.device)]] = False
+        session.prefill(
+            visual_mask=visual, attention_mask=kwargs.get("attention_mask"), query_index=self.opts["query_index"],
+            guidance_index=gi, sample_keys=self.opts["sample_keys"], input_keep=input_keep, pre_llm=pre_llm,
+            source_visual=counts if input_keep is not None else None,
+        )
 
 
 def _check_views(counts: List[int], batch_num_images: Any, p: int) -> None:
@@ -165,37 +145,6 @@ def _rows_per_sample(rows: int, views_per_row: List[int], total: int) -> int:
         f"pixel_values: {total} views were encoded for prompts holding {sum(views_per_row)} view placeholders in "
         f"{rows} rows"
     )
-
-
-class _FirstArg:
-    def __init__(self) -> None:
-        self.value = None
-
-    def get(self) -> torch.Tensor:
-        if self.value is None:
-            raise RuntimeError("model: the projector has not run in this forward")
-        return self.value
-
-
-def _capture_first_arg(module: nn.Module):
-    """Record the first positional input of ``module`` at each call (hook removed on exit)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def cm():
-        box = _FirstArg()
-
-        def hook(_m, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            box.value = x.detach()
-
-        h = module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield box
-        finally:
-            h.remove()
-
-    return cm()
 
 
 def multiview_inputs(
