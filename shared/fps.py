@@ -1,53 +1,62 @@
 """Batched farthest-point sampling under a fused geometric + semantic distance (SeGPruner's diversifier).
 
-For tokens i, j of one batch row the fused distance is
+The rule. For tokens i, j of one batch row the fused distance is
 
     f(i, j) = λ · ‖p_i − p_j‖ / dx + (1 − λ) · (1 − cos(F_i, F_j))
 
 with p in metres and dx a per-row normaliser (``"first_centroid"``: the largest distance from the start
 token, as the released SeGPruner code computes it at its first iteration, so later d/dx may exceed 1;
 ``"diameter"``: the largest distance between two candidates). FPS starts at ``start``, keeps for every
-candidate the minimum fused distance to the tokens chosen so far, and picks the arg-max next.
+candidate the minimum fused distance to the tokens chosen so far, and picks the arg-max next; ties go to
+the token listed first in ``order`` (the released code lists the residual tokens by descending saliency and
+takes the first arg-max). A token is never picked twice and non-candidates are never picked. dx = 0 (all
+candidates at one point) makes the geometric term 0 instead of 0/0.
 
-The tokens FPS considers are given as ``order``, a list of token indices per row; ties go to the token
-listed first (the released code lists the residual tokens by descending saliency and takes the first
-arg-max). The features are never gathered into that order: rows of the similarity are computed in token
-order and permuted, which keeps the (B, N, C) features as they are.
+Which float64 values. Two candidates whose running minima differ by less than the rounding of f are
+ordered by rounding, so the rule names one float64 evaluation of f, the *reference value*
+(``reference_values``): a pure function of the pair, built from element-wise float64 operations and a fixed
+pairwise (tree) summation, so equal inputs give equal bits on any device and in any batch. The kept set is
+the one the reference values give; exact ties (duplicated tokens) go to the token listed first.
 
-Rules shared by both strategies (so that they return the same indices):
+Certified evaluation. Computing reference values for every pair would be slow, so the strategies compute f
+with BLAS in a work precision (``"float32"``, or ``"float64"``) and carry a rigorous bound E on the
+difference from the reference value (any BLAS summation order: |error| ≤ γ_C · Σ|x_k y_k| for a
+C-term dot product, γ_n = n·u / (1 − n·u); geometry and scaling rounding added; ``error_bound``). At each
+step the candidates whose approximate running minimum lies within 2E of the largest form a set S. When S
+holds one token it is the reference arg-max. Otherwise S is resolved with reference values: for each
+member, its running minimum is recomputed from the reference values of the picks whose approximate
+distance lies within 2E of its approximate minimum (no other pick can attain it). Every strategy and
+precision therefore returns the reference rule's indices; they differ in speed only.
 
-- Arithmetic is float64 whatever the input dtype. In float32 two candidates whose running minima differ by
-  less than ~1e-6 are ordered by rounding (BLAS reduction order, ``torch.cdist``'s matmul path, the device),
-  which over hundreds of steps flips a pick now and then; in float64 only gaps below ~1e-15 are at risk.
-- A token is never picked twice and non-candidates are never picked. (The released loop would re-pick a
-  chosen token only if every remaining token duplicated a chosen one in position *and* feature direction;
-  it then returned fewer tokens.)
-- dx = 0 (all candidates at one point) makes the geometric term 0 instead of 0/0.
-
-Strategies: ``"matrix"`` builds the (B, N, N) fused matrix once (batched Gram products over its upper blocks);
-each step is then a row gather, a running minimum and an arg-max. ``"rows"`` computes only the row of the
-token just picked (one matrix-vector product per step; memory O(B·N·C)); on CPU it walks the batch one
-row group at a time so that the features being read stay in cache (a matrix-vector product is
-memory-bound). ``"auto"`` takes the matrix when it fits ``max_matrix_bytes`` and, on CPU, when the steps
-are a sizeable share of N (measured crossovers on a 2-core EPYC: M ≈ N/8 while a row's features fit in
-cache, as per view; M ≈ N/24 when every step reads them from memory, as over a scene of 8,748 tokens); on
-CUDA, where the loop's kernel launches dominate, whenever it fits.
+Strategies: ``"matrix"`` builds each row's (N, N) fused matrix once (Gram products over its upper blocks,
+the lower half mirrored); a step is then a row gather, a running minimum and a top-k. ``"rows"`` computes
+only the row of the token just picked (one matrix-vector product per step) and walks the batch in row
+groups of ``chunk_bytes`` so that the features being read stay in cache. ``"auto"`` takes the matrix when it
+fits ``max_matrix_bytes`` and, on CPU, when the steps are a sizeable share of N (crossovers measured on a
+2-core EPYC; see ``resolve_strategy``); on CUDA, where the loop's kernel launches dominate, whenever it fits.
+Precision ``"auto"`` is float32 unless float32 matrix products may run in reduced precision (TF32, bf16
+passes: ``torch.get_float32_matmul_precision() != "highest"`` or the backend flags) or the feature norms
+leave [1e-6, 1e18], where float32 products could underflow or overflow; then float64.
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 NORMALIZERS = ("first_centroid", "diameter")
 STRATEGIES = ("auto", "matrix", "rows")
+PRECISIONS = ("auto", "float32", "float64")
 
 _F64 = torch.float64
-_CPU_ROW_PENALTY = 8.0      # rows vs matrix on CPU: matrix when steps · 8 >= N (a row's features in cache)
-_CPU_DRAM_ROW_PENALTY = 24.0  # ... and when steps · 24 >= N if they are not (each step reads them from memory)
-_CPU_CHUNK_BYTES = 8 << 20  # rows on CPU: float64 feature bytes per row group
-_BLOCK_BYTES = 64 << 20     # temporaries of the diameter
+_WORK = {"float32": torch.float32, "float64": torch.float64}
+_CPU_ROW_PENALTY = 7.0       # CPU auto: matrix when steps · 7 >= N (a row group's features in cache) ...
+_CPU_DRAM_ROW_PENALTY = 12.0  # ... or steps · 12 >= N when every step reads them from memory
+_CPU_CHUNK_BYTES = 4 << 20   # rows on CPU: work-precision feature bytes per row group
+_BLOCK_BYTES = 64 << 20      # temporaries of the diameter
+_NORM_RANGE = (1e-6, 1e18)   # float32 work only for candidate feature norms in this range
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -102,31 +111,6 @@ def _check(points, features, order, candidates, start) -> Tuple[torch.Tensor, to
     return order, candidates, pos
 
 
-def _prepare(points, order, cand):
-    """float64 points in ``order`` (non-candidates at 0), the same in token order, candidates in token order."""
-    b, n, _ = points.shape
-    zero = torch.zeros((), dtype=_F64, device=points.device)
-    pts = points.detach().to(_F64).gather(1, order.unsqueeze(-1).expand(-1, -1, 3))
-    pts = torch.where(cand.unsqueeze(-1), pts, zero)
-    if not all_finite(pts):
-        raise ValueError("points: non-finite coordinates on candidate tokens (mark tokens without geometry "
-                         "as non-candidates)")
-    tok_pts = torch.zeros(b, n, 3, dtype=_F64, device=points.device)
-    tok_pts.scatter_(1, order.unsqueeze(-1).expand(-1, -1, 3), pts)
-    tok_cand = torch.zeros(b, n, dtype=torch.bool, device=points.device).scatter_(1, order, cand)
-    return pts, tok_pts, tok_cand
-
-
-def _unit(features: torch.Tensor, tok_cand: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """L2-normalised float64 copy of features (..., N, C), written into ``out`` when given (a reused buffer
-    saves the page faults of a fresh allocation, a third of the time on CPU). Zero rows stay zero."""
-    f = features.detach().to(_F64, copy=True) if out is None else out.copy_(features.detach())
-    norm = torch.linalg.vector_norm(f, dim=-1)
-    if bool(((norm == 0) & tok_cand).any()):
-        raise ValueError("features: a candidate token has an all-zero feature vector (cosine undefined)")
-    return f.div_(norm.clamp_min_(torch.finfo(_F64).tiny).unsqueeze(-1))
-
-
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distances (B, n, m) by explicit differences (no ‖a‖²+‖b‖²−2ab cancellation)."""
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
@@ -156,93 +140,281 @@ def normalizer_dx(points: torch.Tensor, cand: torch.Tensor, start: torch.Tensor,
     return torch.where(dx > 0, dx, torch.ones_like(dx))
 
 
-def _initial_running(cand: torch.Tensor) -> torch.Tensor:
-    inf = torch.full(cand.shape, float("inf"), dtype=_F64, device=cand.device)
-    return torch.where(cand, inf, -inf)
+# -- reference values ---------------------------------------------------------------------------------------
+
+def _tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of (n, C) float64 by a fixed pairwise tree (zero-padded to a power of two)."""
+    c = x.shape[-1]
+    width = 1 << max(0, (c - 1).bit_length())
+    if width != c:
+        x = torch.nn.functional.pad(x, (0, width - c))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
 
 
-def _run_matrix(tok_pts, f, order, cand, pos, steps, lam, dx, identity) -> torch.Tensor:
-    """(B, N, N) fused matrix in token order (diagonal −inf), then gather / min / arg-max per step."""
-    b, n, _ = tok_pts.shape
-    fused = torch.empty(b, n, n, dtype=_F64, device=f.device)
-    base = torch.full((), 1.0 - lam, dtype=_F64, device=f.device)
-    scale = (lam / dx).view(b, 1, 1)
-    s = -(-n // 4)  # 4 × 4 blocks; f is symmetric, so only the 10 upper ones are computed (~22% faster)
-    for i in range(0, n, s):
-        for j in range(i, n, s):
-            blk = torch.baddbmm(base, f[:, i:i + s], f[:, j:j + s].transpose(1, 2), beta=1.0, alpha=-(1.0 - lam))
-            blk.add_(_distances(tok_pts[:, i:i + s], tok_pts[:, j:j + s]).mul_(scale))  # (1−λ)(1−cos) + λd/dx
-            fused[:, i:i + s, j:j + s] = blk
-            if j > i:
-                fused[:, j:j + s, i:i + s] = blk.transpose(1, 2)
-    idx = torch.arange(n, device=f.device)
-    fused[:, idx, idx] = float("-inf")
-    rows = torch.arange(b, device=f.device)
-    running = _initial_running(cand)
-    picked: List[torch.Tensor] = []
+def reference_values(fi: torch.Tensor, fj: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor, lam: float,
+                     a: torch.Tensor) -> torch.Tensor:
+    """Reference float64 fused distances of n pairs: features fi, fj (n, C), points pi, pj (n, 3) in metres,
+    a = λ / dx (n,). Element-wise float64 operations and ``_tree_sum`` only, so each value is a pure function
+    of its pair: cos = Σ f_i f_j / (√Σ f_i² · √Σ f_j²), d = √((Δx² + Δy²) + Δz²)."""
+    x, y = fi.to(_F64), fj.to(_F64)
+    n = x.shape[0]
+    sums = _tree_sum(torch.cat([x * x, y * y, x * y]))
+    sxx, syy, sxy = sums[:n], sums[n:2 * n], sums[2 * n:]
+    cos = sxy / (sxx.sqrt() * syy.sqrt())
+    d = pi.to(_F64) - pj.to(_F64)
+    dist = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]).sqrt()
+    return (1.0 - lam) * (1.0 - cos) + a.to(_F64) * dist
+
+
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1.0 - n * u)
+
+
+def error_bound(channels: int, lam: float, a: torch.Tensor, centred_max: torch.Tensor, raw_max: torch.Tensor,
+                min_norm: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Per-row bound E (B,) float64 on |approximate f − reference f| for any pair of candidates.
+
+    channels: C; a: λ/dx (B,); centred_max / raw_max: largest |coordinate| of the candidates after centring
+    on their bounding box (the work-precision points) / as given (the reference); min_norm: smallest candidate
+    feature norm (B,), for products that underflow (or are flushed to zero). u is the work precision's unit
+    roundoff, U float64's. Terms: the C-term dot in work precision with conversion and two scalings
+    (γ_{C+16}(u)), the reference's tree sums (2·γ_{C+16}(U)), underflow (2·C·tiny / min_norm²), the distance
+    from rounded, centred points (32u·P, plus 32U·P for the reference), and the final additions (4(u + U)·V
+    with V bounding the magnitudes added).
+    """
+    finfo = torch.finfo(work)
+    u, big_u = finfo.eps / 2, torch.finfo(_F64).eps / 2
+    under = 2.0 * channels * finfo.tiny / min_norm.clamp_min(1e-300) ** 2
+    e_cos = _gamma(channels + 16, u) + 2.0 * _gamma(channels + 16, big_u) + under
+    e_geo = a * (32.0 * u * centred_max + 32.0 * big_u * raw_max + 16.0 * finfo.tiny)
+    v = 2.0 * (1.0 - lam) + a * 4.0 * centred_max
+    return (1.0 - lam) * e_cos + e_geo + 4.0 * (u + big_u) * v
+
+
+# -- shared state of one call -----------------------------------------------------------------------------------
+
+class _Problem:
+    """Token-space inputs of one call: candidates, tie-break ranks, float64 points, dx, bounds, scales.
+
+    The strategies' approximate values are f − (1 − λ) (the constant changes no comparison)."""
+
+    def __init__(self, points, features, order, cand, pos, lam, normalizer, precision):
+        b, n, _ = points.shape
+        dev = points.device
+        self.b, self.n, self.c, self.lam = b, n, features.shape[-1], lam
+        self.features = features.detach()
+        self.tok_cand = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter_(1, order, cand)
+        r = order.shape[1]
+        self.rank = torch.full((b, n), r, dtype=torch.long, device=dev)
+        self.rank.scatter_(1, order, torch.arange(r, device=dev).expand(b, r))
+        self.start = order.gather(1, pos.unsqueeze(1)).squeeze(1)
+        zero = torch.zeros((), dtype=_F64, device=dev)
+        cmask = self.tok_cand.unsqueeze(-1)
+        self.pts = torch.where(cmask, points.detach().to(_F64), zero)
+        if not all_finite(self.pts):
+            raise ValueError("points: non-finite coordinates on candidate tokens (mark tokens without geometry "
+                             "as non-candidates)")
+        norms = torch.linalg.vector_norm(self.features, dim=-1, dtype=_F64)
+        if bool(((norms == 0) & self.tok_cand).any()):
+            raise ValueError("features: a candidate token has an all-zero feature vector (cosine undefined)")
+        inf = torch.full((), float("inf"), dtype=_F64, device=dev)
+        self.inv = torch.where(self.tok_cand, 1.0 / norms, zero)
+        min_norm = torch.where(self.tok_cand, norms, inf).amin(dim=1)
+        max_norm = torch.where(self.tok_cand, norms, zero).amax(dim=1)
+        self.work = _WORK[resolve_precision(precision, dev, float(min_norm.min()), float(max_norm.max()))]
+        self.dx = normalizer_dx(self.pts, self.tok_cand, self.start, normalizer)
+        self.a = lam / self.dx
+        lo = torch.where(cmask, self.pts, inf).amin(dim=1)
+        hi = torch.where(cmask, self.pts, -inf).amax(dim=1)
+        centre = torch.where(torch.isfinite(lo), (lo + hi) / 2, zero)
+        self.centred = torch.where(cmask, self.pts - centre.unsqueeze(1), zero)
+        centred_max = self.centred.abs().flatten(1).amax(dim=1)
+        raw_max = self.pts.abs().flatten(1).amax(dim=1)
+        e = error_bound(self.c, lam, self.a, centred_max, raw_max, min_norm, self.work)
+        v = 2.0 * (1.0 - lam) + self.a * 4.0 * centred_max
+        u = torch.finfo(self.work).eps
+        # 2E plus the rounding of the comparisons: in float64 (Python floats) and in the work precision
+        self.thr = (2.0 * e + 8.0 * torch.finfo(_F64).eps * v).tolist()
+        self.thr_work = [t + 4.0 * u * x for t, x in zip(self.thr, v.tolist())]
+        self.unit = u
+        self.resolved = 0                                       # row-steps resolved with reference values
+
+    def initial_running(self, rows: slice) -> torch.Tensor:
+        inf = torch.full((), float("inf"), dtype=self.work, device=self.tok_cand.device)
+        return torch.where(self.tok_cand[rows], inf, -inf)
+
+    def next_pick(self, running: torch.Tensor, rows: slice, picked: torch.Tensor, m: int,
+                  fetch: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """Reference arg-max of running (G, N) for the batch rows ``rows``; picked: (G, >= m) tokens so far;
+        fetch(g, s, m) -> (len(g), m) approximate values of tokens s against the first m picks of rows g."""
+        if running.shape[1] == 1:
+            return running.argmax(dim=1)
+        val, idx = running.topk(2, dim=1)
+        thr = self.thr[rows]
+        ambiguous = [g for g, (v0, v1) in enumerate(val.tolist()) if v1 >= v0 - thr[g]]
+        if not ambiguous:
+            return idx[:, 0]
+        return self._resolve(running, rows, val[:, 0].tolist(), ambiguous, idx[:, 0], picked, m, fetch)
+
+    def _resolve(self, running, rows, top, ambiguous, default, picked, m, fetch) -> torch.Tensor:
+        """Reference arg-max for the ambiguous rows: S = tokens within 2E of the top; each member's minimum
+        recomputed from reference values over the picks within 2E of its approximate minimum."""
+        self.resolved += len(ambiguous)
+        dev, w = running.device, running.dtype
+        thr, thr_w = self.thr[rows], self.thr_work[rows]
+        amb = torch.tensor(ambiguous, device=dev)
+        # lower limits rounded down (a superset of S is still exact), upper limits rounded up
+        lim = torch.tensor([top[g] - thr[g] - 2 * self.unit * (abs(top[g]) + thr[g]) for g in ambiguous],
+                           dtype=_F64, device=dev).to(w)
+        gi, s = (running[amb] >= lim.unsqueeze(1)).nonzero(as_tuple=True)
+        g = amb[gi]
+        slack = torch.tensor(thr_w, dtype=_F64, device=dev).to(w)
+        h = fetch(g, s, m)                                                  # (|S|, m)
+        which, j = (h <= (running[g, s] + slack[g]).unsqueeze(1)).nonzero(as_tuple=True)
+        rg, rs = g[which], s[which]
+        rp = picked[rg, j]
+        bg = rg + rows.start
+        f = reference_values(self.features[bg, rs], self.features[bg, rp], self.pts[bg, rs], self.pts[bg, rp],
+                             self.lam, self.a[bg])
+        ref_min = torch.full(s.shape, float("inf"), dtype=_F64, device=dev).scatter_reduce_(0, which, f, "amin")
+        best = {}
+        for gg, ss, val, rk in zip(g.tolist(), s.tolist(), ref_min.tolist(), self.rank[g + rows.start, s].tolist()):
+            key = (val, -rk)
+            if gg not in best or key > best[gg][0]:
+                best[gg] = (key, ss)
+        out = default.clone()
+        out[amb] = torch.tensor([best[gg][1] for gg in ambiguous], device=dev)
+        return out
+
+
+# -- strategies ---------------------------------------------------------------------------------------------------
+
+def _row_groups(b: int, per_row_bytes: int, budget: Optional[int]) -> List[slice]:
+    size = b if budget is None else max(1, min(b, int(budget) // max(1, per_row_bytes)))
+    return [slice(s, min(b, s + size)) for s in range(0, b, size)]
+
+
+def _unit_features(prob: _Problem, rows: slice) -> torch.Tensor:
+    """(G, N, C) L2-normalised features of the rows in the work precision (non-candidates zero)."""
+    f = prob.features[rows]
+    out = torch.empty(f.shape, dtype=prob.work, device=f.device)
+    return torch.mul(f, prob.inv[rows].to(prob.work).unsqueeze(2), out=out)
+
+
+def _run_matrix(prob: _Problem, rows: slice, steps: int) -> torch.Tensor:
+    """(G, N, N) fused matrix in token order (diagonal −inf, so a pick's own entry marks it), then
+    gather / minimum / certified arg-max per step."""
+    w, lam = prob.work, prob.lam
+    f = _unit_features(prob, rows)
+    g, n, _ = f.shape
+    gram = torch.empty(g, n, n, dtype=w, device=f.device)
+    blk = -(-n // 4)  # 4 × 4 blocks; the Gram matrix is symmetric, so only the 10 upper ones are multiplied
+    for i in range(0, n, blk):
+        upper = torch.bmm(f[:, i:i + blk], f[:, i:].transpose(1, 2))
+        gram[:, i:i + blk, i:] = upper
+        gram[:, i + blk:, i:i + blk] = upper[:, :, blk:].transpose(1, 2)
+    del f
+    pts = prob.centred[rows].to(w)
+    fused = _distances(pts, pts).mul_(prob.a[rows].to(w).view(g, 1, 1))
+    fused.add_(gram, alpha=-(1.0 - lam))                                   # λd/dx − (1−λ) cos
+    del gram
+    fused.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    ar = torch.arange(g, device=fused.device)
+    running = prob.initial_running(rows)
+    picked = torch.empty(g, steps, dtype=torch.long, device=fused.device)
+    pos = prob.start[rows]
+
+    def fetch(gi: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
+        return fused[gi.unsqueeze(1), picked[gi, :m], s.unsqueeze(1)]
+
     for i in range(steps):
-        picked.append(pos)
-        row = fused[rows, order[rows, pos]]                                      # (B, N), token order
-        torch.minimum(running, row if identity else row.gather(1, order), out=running)
+        picked[:, i] = pos
+        torch.minimum(running, fused[ar, pos], out=running)
         if i + 1 < steps:
-            pos = running.argmax(dim=1)
-    return torch.stack(picked, dim=1)
+            pos = prob.next_pick(running, rows, picked, i + 1, fetch)
+    return picked
 
 
-def _run_rows_single(pts, f, order, cand, pos, steps, lam, dx, identity) -> torch.Tensor:
-    """One batch row with 2-D ops: its features (N, C) stay in cache across the steps."""
-    base = torch.full((f.shape[0],), 1.0 - lam, dtype=_F64, device=f.device)
-    a = float(lam / dx)
-    running = _initial_running(cand)
-    picked: List[torch.Tensor] = []
-    pos = pos.view(1)
+def _run_rows(prob: _Problem, rows: slice, steps: int) -> torch.Tensor:
+    """Only the row of the token just picked: one matrix-vector product per step (the rows are kept for
+    resolving near-ties)."""
+    w, lam = prob.work, prob.lam
+    f = _unit_features(prob, rows)
+    g, n, _ = f.shape
+    ft = f.transpose(1, 2)
+    pts = prob.centred[rows].to(w)
+    a = prob.a[rows].to(w).unsqueeze(1)
+    hist = torch.empty(steps, g, n, dtype=w, device=f.device)
+    ar = torch.arange(g, device=f.device)
+    running = prob.initial_running(rows)
+    picked = torch.empty(g, steps, dtype=torch.long, device=f.device)
+    pos = prob.start[rows]
+
+    def fetch(gi: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
+        return hist[:m, gi, s].transpose(0, 1)
+
     for i in range(steps):
-        picked.append(pos)
-        tok = order.index_select(0, pos)
-        row = torch.addmv(base, f, f.index_select(0, tok)[0], beta=1.0, alpha=-(1.0 - lam))  # token order
-        if not identity:
-            row = row.index_select(0, order)
-        row.add_(torch.linalg.vector_norm(pts - pts.index_select(0, pos), dim=1), alpha=a)
+        picked[:, i] = pos
+        cos = torch.bmm(f[ar, pos].unsqueeze(1), ft).squeeze(1)                  # (G, N)
+        geo = torch.linalg.vector_norm(pts - pts[ar, pos].unsqueeze(1), dim=2)  # (G, N)
+        row = torch.mul(geo, a, out=hist[i]).add_(cos, alpha=-(1.0 - lam))      # λd/dx − (1−λ) cos
         torch.minimum(running, row, out=running)
-        running.index_fill_(0, pos, float("-inf"))
+        running[ar, pos] = float("-inf")
         if i + 1 < steps:
-            pos = running.argmax().view(1)
-    return torch.cat(picked)
+            pos = prob.next_pick(running, rows, picked, i + 1, fetch)
+    return picked
 
 
-def _run_rows_batch(pts, f, order, cand, pos, steps, lam, dx, identity) -> torch.Tensor:
-    b = f.shape[0]
-    rows = torch.arange(b, device=f.device)
-    base = torch.full((), 1.0 - lam, dtype=_F64, device=f.device)
-    a = (lam / dx).unsqueeze(1)
-    running = _initial_running(cand)
-    picked: List[torch.Tensor] = []
-    for i in range(steps):
-        picked.append(pos)
-        q = f[rows, order[rows, pos]].unsqueeze(2)                               # (B, C, 1)
-        row = torch.baddbmm(base, f, q, beta=1.0, alpha=-(1.0 - lam)).squeeze(2)  # (B, N) token order
-        if not identity:
-            row = row.gather(1, order)
-        row.add_(torch.linalg.vector_norm(pts - pts[rows, pos].unsqueeze(1), dim=2).mul_(a))
-        torch.minimum(running, row, out=running)
-        running[rows, pos] = float("-inf")
-        if i + 1 < steps:
-            pos = running.argmax(dim=1)
-    return torch.stack(picked, dim=1)
+# -- dispatch -------------------------------------------------------------------------------------------------------
+
+def _fp32_matmul_is_ieee(device: torch.device) -> bool:
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    flags = [getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    if device.type == "cuda":
+        if torch.backends.cuda.matmul.allow_tf32:
+            return False
+        flags.append(torch.backends.cuda.matmul)
+    for flag in flags:
+        mode = getattr(flag, "fp32_precision", "ieee")
+        if mode not in ("ieee", "none"):
+            return False
+    return True
+
+
+def resolve_precision(precision: str, device: torch.device, min_norm: float = 1.0, max_norm: float = 1.0) -> str:
+    """The work precision ``"auto"`` runs: float32 when float32 matrix products are IEEE on ``device`` and the
+    candidate feature norms lie in [1e-6, 1e18]; else float64."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    in_range = _NORM_RANGE[0] <= min_norm and max_norm <= _NORM_RANGE[1]
+    return "float32" if in_range and _fp32_matmul_is_ieee(device) else "float64"
 
 
 def resolve_strategy(strategy: str, b: int, n: int, steps: int, device: torch.device, max_matrix_bytes: int,
-                     channels: int = 0) -> str:
-    """The strategy ``"auto"`` runs for B rows of N tokens with C = ``channels`` and ``steps`` picks."""
+                     channels: int = 0, work_bytes: int = 4, chunk_bytes: Optional[int] = None) -> str:
+    """The strategy ``"auto"`` runs for B rows of N tokens with C = ``channels`` and ``steps`` picks.
+
+    CPU crossovers (2-core EPYC, float32): a rows step costs one pass over a row group's features, a matrix
+    costs the Gram product up front, so the matrix wins when steps · 7 >= N while a row group's features fit
+    in cache (``chunk_bytes``, per view at 12 × 729 × 1152) and when steps · 12 >= N when each step reads them
+    from memory (one FPS over 8,748 tokens).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy != "auto":
         return strategy
-    if b * n * n * 8 > max_matrix_bytes:
+    if b * n * n * work_bytes > max_matrix_bytes:
         return "rows"
     if device.type != "cpu":
         return "matrix"
-    in_cache = n * channels * 8 <= _CPU_CHUNK_BYTES
+    budget = _CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    in_cache = n * channels * work_bytes <= budget
     return "matrix" if steps * (_CPU_ROW_PENALTY if in_cache else _CPU_DRAM_ROW_PENALTY) >= n else "rows"
 
 
@@ -257,22 +429,27 @@ def fused_fps(
     start: Optional[torch.Tensor] = None,
     normalizer: str = "first_centroid",
     strategy: str = "auto",
+    precision: str = "auto",
     max_matrix_bytes: int = 1 << 30,
     chunk_bytes: Optional[int] = None,
+    stats: Optional[dict] = None,
 ) -> torch.Tensor:
     """Farthest-point sampling under the fused distance, vectorised over the batch.
 
     points: (B, N, 3) coordinates in metres (read only for candidates; others may be NaN).
-    features: (B, N, C) token features, finite (any dtype; L2-normalised here in float64).
+    features: (B, N, C) token features, finite (any floating dtype).
     steps: picks per row (M); every row needs at least M candidates.
     lam: λ in [0, 1], the weight of the geometric term.
     order: optional (B, R) long, the tokens considered, in tie-break order (default: all N in index order).
     candidates: optional (B, R) bool aligned with ``order``: the tokens FPS may pick (default: all).
     start: optional (B,) long token index of the first pick (a candidate; default: the first candidate).
     normalizer: ``"first_centroid"`` or ``"diameter"`` (module docstring).
-    strategy: ``"auto"``, ``"matrix"`` or ``"rows"``; all return the same indices.
-    max_matrix_bytes: largest fused matrix ``"auto"`` may build (float64, B·N²·8 bytes).
-    chunk_bytes: rows strategy: float64 feature bytes per row group (default: 8 MiB on CPU, all on CUDA).
+    strategy: ``"auto"``, ``"matrix"`` or ``"rows"``; precision: ``"auto"``, ``"float32"`` or ``"float64"``
+    (work precision of the certified approximation). All return the same indices (module docstring).
+    max_matrix_bytes: largest fused matrix per row group (B·N²·work bytes; ``"auto"`` needs all rows to fit).
+    chunk_bytes: rows strategy: work-precision feature bytes per row group (default: 4 MiB on CPU, all on CUDA).
+    stats: optional dict, filled with ``strategy``, ``precision`` and ``resolved`` (row-steps resolved with
+    reference values).
     Returns (B, M) long token indices (into N), in pick order.
     """
     order, cand, pos = _check(points, features, order, candidates, start)
@@ -284,7 +461,10 @@ def fused_fps(
         raise ValueError(f"lam: expected λ in [0, 1], got {lam!r}")
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer: expected one of {', '.join(NORMALIZERS)}, got {normalizer!r}")
-    chosen = resolve_strategy(strategy, b, n, steps, points.device, max_matrix_bytes, features.shape[-1])
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     counts = cand.sum(dim=1)
     if steps > 0 and bool((counts < steps).any()):
         row = int(torch.nonzero(counts < steps)[0, 0])
@@ -293,31 +473,24 @@ def fused_fps(
         return torch.zeros(b, 0, dtype=torch.long, device=points.device)
     if pos is None:
         pos = cand.to(torch.int8).argmax(dim=1)
-    identity = order.shape[1] == n and bool((order == torch.arange(n, device=order.device)).all())
     if not all_finite(features):
         raise ValueError("features: contains NaN or infinite values")
-    pts, tok_pts, tok_cand = _prepare(points, order, cand)
-    dx = normalizer_dx(pts, cand, pos, normalizer)
+    prob = _Problem(points, features, order, cand, pos, lam_f, normalizer, precision)
+    wbytes = torch.empty((), dtype=prob.work).element_size()
+    chosen = resolve_strategy(strategy, b, n, steps, points.device, max_matrix_bytes, prob.c, wbytes, chunk_bytes)
     if chosen == "matrix":
-        picks = _run_matrix(tok_pts, _unit(features, tok_cand), order, cand, pos, steps, lam_f, dx, identity)
+        groups = _row_groups(b, n * n * wbytes, max_matrix_bytes)
+        run = _run_matrix
     else:
-        if chunk_bytes is None:
-            chunk_bytes = _CPU_CHUNK_BYTES if points.device.type == "cpu" else 1 << 62
-        c = features.shape[-1]
-        chunk = max(1, min(b, int(chunk_bytes) // max(1, n * c * 8)))
-        buf = torch.empty(chunk, n, c, dtype=_F64, device=features.device)
-        parts = []
-        for s in range(0, b, chunk):
-            e = min(b, s + chunk)
-            f = _unit(features[s:e], tok_cand[s:e], out=buf[:e - s])
-            if e - s == 1:
-                parts.append(_run_rows_single(pts[s], f[0], order[s], cand[s], pos[s], steps, lam_f, dx[s],
-                                              identity).unsqueeze(0))
-            else:
-                parts.append(_run_rows_batch(pts[s:e], f, order[s:e], cand[s:e], pos[s:e], steps, lam_f,
-                                             dx[s:e], identity))
-        picks = torch.cat(parts, dim=0)
-    return order.gather(1, picks)
+        if chunk_bytes is None and points.device.type == "cpu":
+            chunk_bytes = _CPU_CHUNK_BYTES
+        groups = _row_groups(b, n * prob.c * wbytes, chunk_bytes)
+        run = _run_rows
+    picks = torch.cat([run(prob, rows, steps) for rows in groups], dim=0)
+    if stats is not None:
+        stats.update(strategy=chosen, precision=str(prob.work).replace("torch.", ""), resolved=prob.resolved)
+    return picks
 
 
-__all__ = ["NORMALIZERS", "STRATEGIES", "all_finite", "fused_fps", "normalizer_dx", "resolve_strategy"]
+__all__ = ["NORMALIZERS", "PRECISIONS", "STRATEGIES", "all_finite", "error_bound", "fused_fps", "normalizer_dx",
+           "reference_values", "resolve_precision", "resolve_strategy"]
