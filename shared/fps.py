@@ -18,29 +18,28 @@ ordered by rounding, so the rule names one float64 evaluation of f, the *referen
 pairwise (tree) summation, so equal inputs give equal bits on any device and in any batch. The kept set is
 the one the reference values give; exact ties (duplicated tokens) go to the token listed first.
 
-Certified evaluation. Computing reference values for every pair would be slow, so the strategies compute f
-with BLAS in a work precision (``"float32"``, or ``"float64"``) and carry a rigorous bound E on the
-difference from the reference value (any BLAS summation order: |error| ≤ γ_C · Σ|x_k y_k| for a
-C-term dot product, γ_n = n·u / (1 − n·u); geometry and scaling rounding added; ``error_bound``). At each
-step the candidates whose approximate running minimum lies within 2E of the largest form a set S. When S
-holds one token it is the reference arg-max. Otherwise S is resolved with reference values: for each
-member, its running minimum is recomputed from the reference values of the picks whose approximate
-distance lies within 2E of its approximate minimum (no other pick can attain it). Every strategy and
-precision therefore returns the reference rule's indices; they differ in speed only.
+Certified evaluation. Reference values for every pair would be slow, so the strategies compute f with BLAS
+in a work precision (float32, or float64) and carry a rigorous bound E on its difference from the
+reference value (``error_bound``: a dot product of n terms summed in any order is off by at most
+γ_n · Σ|x_k y_k|, γ_n = n·u / (1 − n·u); plus the rounding of norms, points and additions). At each step the
+candidates whose approximate running minimum lies within 2E of the largest form a set S. When S holds one
+token it is the reference arg-max. Otherwise S is resolved with reference values: each member's running
+minimum is recomputed from the reference values of the picks whose approximate distance lies within 2E of
+its approximate minimum (no other pick can attain it). Every strategy and precision therefore returns the
+reference rule's indices; they differ in speed only (``stats["resolved"]`` counts the resolved row-steps).
 
 Strategies: ``"matrix"`` builds each row's (N, N) fused matrix once (Gram products over its upper blocks,
-the lower half mirrored); a step is then a row gather, a running minimum and a top-k. ``"rows"`` computes
-only the row of the token just picked (one matrix-vector product per step) and walks the batch in row
-groups of ``chunk_bytes`` so that the features being read stay in cache. ``"auto"`` takes the matrix when it
-fits ``max_matrix_bytes`` and, on CPU, when the steps are a sizeable share of N (crossovers measured on a
-2-core EPYC; see ``resolve_strategy``); on CUDA, where the loop's kernel launches dominate, whenever it fits.
-Precision ``"auto"`` is float32 unless float32 matrix products may run in reduced precision (TF32, bf16
-passes: ``torch.get_float32_matmul_precision() != "highest"`` or the backend flags) or the feature norms
-leave [1e-6, 1e18], where float32 products could underflow or overflow; then float64.
+the lower half mirrored); a step is then a row gather, a running minimum and a top-2. ``"rows"`` computes
+only the row of the token just picked (one matrix-vector product per step), one batch row at a time on CPU
+(``chunk_bytes``) so that its features stay in cache. ``"auto"`` takes the matrix when it fits
+``max_matrix_bytes`` and, on CPU, when the steps are a sizeable share of N (``resolve_strategy``); on CUDA,
+where the loop's kernel launches dominate, whenever it fits. Precision ``"auto"`` is float32 unless float32
+matrix products may run in reduced precision (TF32 or bf16 passes: ``torch.get_float32_matmul_precision()``
+other than ``"highest"``, or the backend flags) or the candidate feature norms leave [1e-6, 1e18], where
+float32 products could underflow or overflow; then float64.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Callable, List, Optional, Tuple
 
@@ -52,11 +51,12 @@ PRECISIONS = ("auto", "float32", "float64")
 
 _F64 = torch.float64
 _WORK = {"float32": torch.float32, "float64": torch.float64}
-_CPU_ROW_PENALTY = 7.0       # CPU auto: matrix when steps · 7 >= N (a row group's features in cache) ...
-_CPU_DRAM_ROW_PENALTY = 12.0  # ... or steps · 12 >= N when every step reads them from memory
-_CPU_CHUNK_BYTES = 4 << 20   # rows on CPU: work-precision feature bytes per row group
-_BLOCK_BYTES = 64 << 20      # temporaries of the diameter
-_NORM_RANGE = (1e-6, 1e18)   # float32 work only for candidate feature norms in this range
+_CPU_ROW_PENALTY = 18.0       # CPU auto: matrix when steps · 18 >= N (a row group's features in cache) ...
+_CPU_DRAM_ROW_PENALTY = 16.0  # ... or steps · 16 >= N when every step reads them from memory
+_CPU_CHUNK_BYTES = 12 << 20   # rows on CPU: work-precision feature bytes per row group
+_NORM_CHUNK = 32              # float32 norms: squares summed in chunks of 32, then the chunk sums
+_NORM_RANGE = (1e-6, 1e18)    # float32 work only for candidate feature norms in this range
+_BLOCK_BYTES = 64 << 20       # temporaries of the diameter
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -142,30 +142,32 @@ def normalizer_dx(points: torch.Tensor, cand: torch.Tensor, start: torch.Tensor,
 
 # -- reference values ---------------------------------------------------------------------------------------
 
-def _tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim of (n, C) float64 by a fixed pairwise tree (zero-padded to a power of two)."""
-    c = x.shape[-1]
-    width = 1 << max(0, (c - 1).bit_length())
-    if width != c:
-        x = torch.nn.functional.pad(x, (0, width - c))
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
-    return x[..., 0]
+def _tree_sum_(buf: torch.Tensor, width: int) -> torch.Tensor:
+    """Sum over the first ``width`` columns of (n, W) float64 (zeros beyond the data; width a power of two) by
+    a fixed pairwise tree, in place. Returns the (n,) sums (column 0)."""
+    while width > 1:
+        width //= 2
+        buf[:, :width].add_(buf[:, width:2 * width])
+    return buf[:, 0]
 
 
 def reference_values(fi: torch.Tensor, fj: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor, lam: float,
                      a: torch.Tensor) -> torch.Tensor:
     """Reference float64 fused distances of n pairs: features fi, fj (n, C), points pi, pj (n, 3) in metres,
-    a = λ / dx (n,). Element-wise float64 operations and ``_tree_sum`` only, so each value is a pure function
-    of its pair: cos = Σ f_i f_j / (√Σ f_i² · √Σ f_j²), d = √((Δx² + Δy²) + Δz²)."""
+    a = λ / dx (n,). Element-wise float64 operations and a fixed pairwise tree summation only, so each value
+    is a pure function of its pair: cos = Σ f_i f_j / (√Σ f_i² · √Σ f_j²), d = √((Δx² + Δy²) + Δz²)."""
+    n, c = fi.shape
+    width = 1 << max(0, (c - 1).bit_length())
+    buf = torch.zeros(3 * n, width, dtype=_F64, device=fi.device)
     x, y = fi.to(_F64), fj.to(_F64)
-    n = x.shape[0]
-    sums = _tree_sum(torch.cat([x * x, y * y, x * y]))
-    sxx, syy, sxy = sums[:n], sums[n:2 * n], sums[2 * n:]
-    cos = sxy / (sxx.sqrt() * syy.sqrt())
+    torch.mul(x, x, out=buf[:n, :c])
+    torch.mul(y, y, out=buf[n:2 * n, :c])
+    torch.mul(x, y, out=buf[2 * n:, :c])
+    sums = _tree_sum_(buf, width)
+    cos = sums[2 * n:] / (sums[:n].sqrt() * sums[n:2 * n].sqrt())
     d = pi.to(_F64) - pj.to(_F64)
-    dist = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]).sqrt()
+    d = d * d
+    dist = (d[:, 0] + d[:, 1] + d[:, 2]).sqrt()
     return (1.0 - lam) * (1.0 - cos) + a.to(_F64) * dist
 
 
@@ -173,25 +175,55 @@ def _gamma(n: int, u: float) -> float:
     return n * u / (1.0 - n * u)
 
 
-def error_bound(channels: int, lam: float, a: torch.Tensor, centred_max: torch.Tensor, raw_max: torch.Tensor,
-                min_norm: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+def error_bound(channels: int, dot_terms: int, norm_rel: float, lam: float, a: torch.Tensor,
+                centred_max: torch.Tensor, raw_max: torch.Tensor, min_norm: torch.Tensor,
+                work: torch.dtype) -> torch.Tensor:
     """Per-row bound E (B,) float64 on |approximate f − reference f| for any pair of candidates.
 
-    channels: C; a: λ/dx (B,); centred_max / raw_max: largest |coordinate| of the candidates after centring
-    on their bounding box (the work-precision points) / as given (the reference); min_norm: smallest candidate
-    feature norm (B,), for products that underflow (or are flushed to zero). u is the work precision's unit
-    roundoff, U float64's. Terms: the C-term dot in work precision with conversion and two scalings
-    (γ_{C+16}(u)), the reference's tree sums (2·γ_{C+16}(U)), underflow (2·C·tiny / min_norm²), the distance
-    from rounded, centred points (32u·P, plus 32U·P for the reference), and the final additions (4(u + U)·V
-    with V bounding the magnitudes added).
+    channels: C; dot_terms: the longest chain of work-precision additions behind one cosine (C for one BLAS
+    dot product; c + k − 1 when k partial dot products of c channels are added in turn); norm_rel: relative
+    error bound of the feature norms that scale the work-precision features; a: λ/dx (B,); centred_max /
+    raw_max: largest |coordinate| of the candidates after centring on their bounding box (the work-precision
+    points) / as given (the reference); min_norm: smallest candidate feature norm (B,), for products that
+    underflow (or are flushed to zero). u is the work precision's unit roundoff, U float64's. Terms: the dot
+    product of unit vectors in work precision, with their rounding (γ_{dot_terms+16}(u)) and their norms'
+    error (2.01·norm_rel); the reference's tree sums (2·γ_{C+16}(U)); underflow (2·C·tiny / min_norm²); the
+    distance from rounded, scaled, centred points (32u·a·P, plus 32U·a·P for the reference); the final
+    additions (4(u + U)·V with V bounding the magnitudes added).
     """
     finfo = torch.finfo(work)
     u, big_u = finfo.eps / 2, torch.finfo(_F64).eps / 2
-    under = 2.0 * channels * finfo.tiny / min_norm.clamp_min(1e-300) ** 2
-    e_cos = _gamma(channels + 16, u) + 2.0 * _gamma(channels + 16, big_u) + under
-    e_geo = a * (32.0 * u * centred_max + 32.0 * big_u * raw_max + 16.0 * finfo.tiny)
+    e_geo = a * (32.0 * u * centred_max + 32.0 * big_u * raw_max) + 16.0 * finfo.tiny
     v = 2.0 * (1.0 - lam) + a * 4.0 * centred_max
-    return (1.0 - lam) * e_cos + e_geo + 4.0 * (u + big_u) * v
+    e = e_geo + 4.0 * (u + big_u) * v
+    if lam < 1.0:
+        under = 2.0 * channels * finfo.tiny / min_norm.clamp_min(1e-150) ** 2
+        e_cos = _gamma(dot_terms + 16, u) + 2.01 * norm_rel + 2.0 * _gamma(channels + 16, big_u) + under
+        e = e + (1.0 - lam) * e_cos
+    return e
+
+
+def _feature_norms(features: torch.Tensor, cand: torch.Tensor, exact: bool = False) -> Tuple[torch.Tensor, float]:
+    """Feature norms (B, N) float64 of the candidates and their relative error bound.
+
+    float32 (or narrower) features with C a multiple of 32: squares in float32 summed in chunks of 32 and
+    then across chunks, one batch row at a time (in cache): relative error ≤ γ_{C/32+32}(u)/2 + U, ~2e-6 at
+    C = 1152, where ``vector_norm(..., dtype=float64)`` costs 15x more. Falls back to float64 norms when a
+    candidate's squared norm leaves [1e-20, 1e30] (float32 squares could underflow or overflow) or C does
+    not split, or when ``exact``."""
+    b, n, c = features.shape
+    if not exact and features.dtype in (torch.float32, torch.float16, torch.bfloat16) and c % _NORM_CHUNK == 0 and c >= 64:
+        sq = torch.empty(b, n, dtype=torch.float32, device=features.device)
+        for r in range(b):
+            x = features[r].float()
+            torch.sum((x * x).view(n, c // _NORM_CHUNK, _NORM_CHUNK).sum(-1), dim=-1, out=sq[r])
+        lo = torch.where(cand, sq, torch.full((), 1.0, device=sq.device)).amin()
+        hi = torch.where(cand, sq, torch.zeros((), device=sq.device)).amax()
+        if bool((lo >= 1e-20) & (hi <= 1e30)):
+            u = torch.finfo(torch.float32).eps / 2
+            return sq.to(_F64).sqrt_(), _gamma(c // _NORM_CHUNK + _NORM_CHUNK, u) / 2 + 2 * torch.finfo(_F64).eps
+    norms = torch.stack([torch.linalg.vector_norm(features[r], dim=-1, dtype=_F64) for r in range(b)])
+    return norms, _gamma(c + 2, torch.finfo(_F64).eps / 2)
 
 
 # -- shared state of one call -----------------------------------------------------------------------------------
@@ -199,7 +231,8 @@ def error_bound(channels: int, lam: float, a: torch.Tensor, centred_max: torch.T
 class _Problem:
     """Token-space inputs of one call: candidates, tie-break ranks, float64 points, dx, bounds, scales.
 
-    The strategies' approximate values are f − (1 − λ) (the constant changes no comparison)."""
+    The strategies' approximate values are λd/dx − (1 − λ) cos = f − (1 − λ) (a constant changes no
+    comparison)."""
 
     def __init__(self, points, features, order, cand, pos, lam, normalizer, precision):
         b, n, _ = points.shape
@@ -217,77 +250,106 @@ class _Problem:
         if not all_finite(self.pts):
             raise ValueError("points: non-finite coordinates on candidate tokens (mark tokens without geometry "
                              "as non-candidates)")
-        norms = torch.linalg.vector_norm(self.features, dim=-1, dtype=_F64)
+        norms, self.norm_rel = _feature_norms(self.features, self.tok_cand, exact=precision == "float64")
+        if not all_finite(norms):
+            if not all_finite(self.features):
+                raise ValueError("features: contains NaN or infinite values")
+            raise ValueError("features: a feature norm overflows float64 (rescale the features)")
         if bool(((norms == 0) & self.tok_cand).any()):
             raise ValueError("features: a candidate token has an all-zero feature vector (cosine undefined)")
         inf = torch.full((), float("inf"), dtype=_F64, device=dev)
         self.inv = torch.where(self.tok_cand, 1.0 / norms, zero)
         min_norm = torch.where(self.tok_cand, norms, inf).amin(dim=1)
-        max_norm = torch.where(self.tok_cand, norms, zero).amax(dim=1)
+        max_norm = norms.amax(dim=1)  # every token's: float32 products of non-candidates must not overflow either
         self.work = _WORK[resolve_precision(precision, dev, float(min_norm.min()), float(max_norm.max()))]
+        if self.work == _F64 and self.norm_rel > 1e-12:   # float64 work gets float64 norms
+            norms, self.norm_rel = _feature_norms(self.features, self.tok_cand, exact=True)
+            self.inv = torch.where(self.tok_cand, 1.0 / norms, zero)
         self.dx = normalizer_dx(self.pts, self.tok_cand, self.start, normalizer)
         self.a = lam / self.dx
         lo = torch.where(cmask, self.pts, inf).amin(dim=1)
         hi = torch.where(cmask, self.pts, -inf).amax(dim=1)
         centre = torch.where(torch.isfinite(lo), (lo + hi) / 2, zero)
         self.centred = torch.where(cmask, self.pts - centre.unsqueeze(1), zero)
-        centred_max = self.centred.abs().flatten(1).amax(dim=1)
-        raw_max = self.pts.abs().flatten(1).amax(dim=1)
-        e = error_bound(self.c, lam, self.a, centred_max, raw_max, min_norm, self.work)
-        v = 2.0 * (1.0 - lam) + self.a * 4.0 * centred_max
-        u = torch.finfo(self.work).eps
-        # 2E plus the rounding of the comparisons: in float64 (Python floats) and in the work precision
-        self.thr = (2.0 * e + 8.0 * torch.finfo(_F64).eps * v).tolist()
-        self.thr_work = [t + 4.0 * u * x for t, x in zip(self.thr, v.tolist())]
-        self.unit = u
+        self._bound_args = (self.a, self.centred.abs().flatten(1).amax(dim=1), self.pts.abs().flatten(1).amax(dim=1),
+                            min_norm)
+        self.features_flat = self.features.reshape(b * n, self.c)
+        self.pts_flat = self.pts.view(b * n, 3)
+        self.rank_flat = self.rank.view(b * n)
         self.resolved = 0                                       # row-steps resolved with reference values
+
+    def set_bound(self, dot_terms: int) -> None:
+        """Thresholds for the strategy's approximation: 2E plus the rounding of the comparisons, made in float64
+        (Python floats; ``thr``) and in the work precision (``thr_work``, (B, 1), rounded up)."""
+        a, centred_max, raw_max, min_norm = self._bound_args
+        e = error_bound(self.c, dot_terms, self.norm_rel, self.lam, a, centred_max, raw_max, min_norm, self.work)
+        v = 2.0 * (1.0 - self.lam) + a * 4.0 * centred_max
+        self.thr = (2.0 * e + 8.0 * torch.finfo(_F64).eps * v).tolist()
+        # float64 values of the resolution (any summation order, own norms, raw points) against the reference
+        u64 = torch.finfo(_F64).eps / 2
+        e2 = error_bound(self.c, self.c, _gamma(self.c + 2, u64), self.lam, a, raw_max, raw_max, min_norm, _F64)
+        self.level2_thr = (2.0 * e2 + 8.0 * torch.finfo(_F64).eps * (v + a * 4.0 * raw_max)).tolist()
+        # work-precision comparisons r >= top − thr_work and h <= r + thr_work: their rounding is covered
+        thr_work = 2.0 * e + 4.0 * torch.finfo(self.work).eps * (2.0 * v + 2.0 * e)
+        up = torch.tensor(float("inf"), dtype=self.work, device=thr_work.device)
+        self.thr_work = thr_work.to(self.work).nextafter(up).unsqueeze(1)
 
     def initial_running(self, rows: slice) -> torch.Tensor:
         inf = torch.full((), float("inf"), dtype=self.work, device=self.tok_cand.device)
         return torch.where(self.tok_cand[rows], inf, -inf)
 
-    def next_pick(self, running: torch.Tensor, rows: slice, picked: torch.Tensor, m: int,
-                  fetch: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """Reference arg-max of running (G, N) for the batch rows ``rows``; picked: (G, >= m) tokens so far;
-        fetch(g, s, m) -> (len(g), m) approximate values of tokens s against the first m picks of rows g."""
-        if running.shape[1] == 1:
-            return running.argmax(dim=1)
-        val, idx = running.topk(2, dim=1)
-        thr = self.thr[rows]
-        ambiguous = [g for g, (v0, v1) in enumerate(val.tolist()) if v1 >= v0 - thr[g]]
-        if not ambiguous:
-            return idx[:, 0]
-        return self._resolve(running, rows, val[:, 0].tolist(), ambiguous, idx[:, 0], picked, m, fetch)
+    def resolve(self, rows: slice, running: torch.Tensor, val: torch.Tensor, hist: torch.Tensor,
+                picked: torch.Tensor, m: int) -> torch.Tensor:
+        """Reference arg-max of each row of a group (called when some row's top-2, val (G, 2), lie within 2E).
 
-    def _resolve(self, running, rows, top, ambiguous, default, picked, m, fetch) -> torch.Tensor:
-        """Reference arg-max for the ambiguous rows: S = tokens within 2E of the top; each member's minimum
-        recomputed from reference values over the picks within 2E of its approximate minimum."""
-        self.resolved += len(ambiguous)
-        dev, w = running.device, running.dtype
-        thr, thr_w = self.thr[rows], self.thr_work[rows]
-        amb = torch.tensor(ambiguous, device=dev)
-        # lower limits rounded down (a superset of S is still exact), upper limits rounded up
-        lim = torch.tensor([top[g] - thr[g] - 2 * self.unit * (abs(top[g]) + thr[g]) for g in ambiguous],
-                           dtype=_F64, device=dev).to(w)
-        gi, s = (running[amb] >= lim.unsqueeze(1)).nonzero(as_tuple=True)
-        g = amb[gi]
-        slack = torch.tensor(thr_w, dtype=_F64, device=dev).to(w)
-        h = fetch(g, s, m)                                                  # (|S|, m)
-        which, j = (h <= (running[g, s] + slack[g]).unsqueeze(1)).nonzero(as_tuple=True)
-        rg, rs = g[which], s[which]
-        rp = picked[rg, j]
-        bg = rg + rows.start
-        f = reference_values(self.features[bg, rs], self.features[bg, rp], self.pts[bg, rs], self.pts[bg, rp],
-                             self.lam, self.a[bg])
-        ref_min = torch.full(s.shape, float("inf"), dtype=_F64, device=dev).scatter_reduce_(0, which, f, "amin")
-        best = {}
-        for gg, ss, val, rk in zip(g.tolist(), s.tolist(), ref_min.tolist(), self.rank[g + rows.start, s].tolist()):
-            key = (val, -rk)
-            if gg not in best or key > best[gg][0]:
-                best[gg] = (key, ss)
-        out = default.clone()
-        out[amb] = torch.tensor([best[gg][1] for gg in ambiguous], device=dev)
-        return out
+        running: (G, N) approximate running minima; hist: (≥m, G, N) the approximate rows of the m picks so far;
+        picked: (G, ≥m) their tokens. Per row, S = tokens within 2E of its top; each member's minimum is
+        recomputed over the picks within 2E of its approximate minimum (the others cannot attain it), first
+        in float64 with any summation order (``level2``: off the reference by at most E2, ~1e-12); a row
+        whose float64 top is not clear by 2·E2 (exact ties) is decided by reference values, ties to the token
+        listed first. Work-precision comparisons use ``thr_work`` (a superset of S, or of the picks, is still
+        exact)."""
+        g_count, n = running.shape
+        thr_w = self.thr_work[rows]
+        g, s = (running >= val[:, :1] - thr_w).nonzero(as_tuple=True)
+        gs = g * n + s
+        h = hist.view(hist.shape[0], g_count * n)[:m].index_select(1, gs)           # (m, |S|)
+        lim = running.view(-1).index_select(0, gs) + thr_w.view(-1).index_select(0, g)
+        j, w = (h <= lim).nonzero(as_tuple=True)
+        rg = g.index_select(0, w) + rows.start
+        base = rg * self.n
+        ti = base + s.index_select(0, w)
+        tj = base + picked.view(-1).index_select(0, (rg - rows.start) * picked.shape[1] + j)
+        fi, fj = self.features_flat.index_select(0, ti), self.features_flat.index_select(0, tj)
+        pi, pj = self.pts_flat.index_select(0, ti), self.pts_flat.index_select(0, tj)
+        a = self.a.index_select(0, rg)
+        x, y = fi.to(_F64), fj.to(_F64)
+        sums = torch.stack([x * x, y * y, x * y]).sum(-1)
+        cos = sums[2] / (sums[0].sqrt() * sums[1].sqrt())
+        f2 = a * torch.linalg.vector_norm(pi - pj, dim=1) - (1.0 - self.lam) * cos
+        inf = torch.full(s.shape, float("inf"), dtype=_F64, device=s.device)
+        lvl2 = inf.scatter_reduce(0, w, f2, "amin").tolist()
+        gl, sl = g.tolist(), s.tolist()
+        e2 = self.level2_thr[rows]
+        top = [None] * g_count
+        for k, (gg, v) in enumerate(zip(gl, lvl2)):
+            if top[gg] is None or v > lvl2[top[gg]]:
+                top[gg] = k
+        out = [sl[top[gg]] for gg in range(g_count)]
+        unclear = sorted({gg for k, gg in enumerate(gl) if k != top[gg] and lvl2[k] >= lvl2[top[gg]] - e2[gg]})
+        if unclear:
+            f = reference_values(fi, fj, pi, pj, self.lam, a)
+            ref = inf.scatter_reduce(0, w, f, "amin").tolist()
+            ranks = self.rank_flat.index_select(0, (g + rows.start) * self.n + s).tolist()
+            best = {}
+            for k, gg in enumerate(gl):
+                if gg in unclear:
+                    key = (ref[k], -ranks[k], sl[k])
+                    if gg not in best or key > best[gg]:
+                        best[gg] = key
+            for gg, key in best.items():
+                out[gg] = key[2]
+        return torch.tensor(out, device=s.device)
 
 
 # -- strategies ---------------------------------------------------------------------------------------------------
@@ -297,75 +359,76 @@ def _row_groups(b: int, per_row_bytes: int, budget: Optional[int]) -> List[slice
     return [slice(s, min(b, s + size)) for s in range(0, b, size)]
 
 
-def _unit_features(prob: _Problem, rows: slice) -> torch.Tensor:
-    """(G, N, C) L2-normalised features of the rows in the work precision (non-candidates zero)."""
-    f = prob.features[rows]
-    out = torch.empty(f.shape, dtype=prob.work, device=f.device)
-    return torch.mul(f, prob.inv[rows].to(prob.work).unsqueeze(2), out=out)
+def _work_features(prob: _Problem, rows: slice) -> torch.Tensor:
+    """(G, N, C) features of the rows in the work precision, contiguous (no copy when they already are)."""
+    return prob.features[rows].to(prob.work).contiguous()
+
+
+def _fps_loop(prob: _Problem, rows: slice, steps: int, dot_terms: int,
+              dot_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The FPS loop of a row group: dot_rows(flat) -> (G, N) approximate dot products of the picks' raw
+    features (flat = g·N + token) with every token's, scaled here by both inverse norms into cosines; λd/dx
+    from the centred points scaled by a = λ/dx; running minimum; certified arg-max (top-2 gap > 2E, else
+    ``_Problem.resolve``)."""
+    prob.set_bound(dot_terms)
+    lam, thr, w = prob.lam, prob.thr[rows], prob.work
+    pts = (prob.centred[rows] * prob.a[rows].view(-1, 1, 1)).to(w).transpose(1, 2).contiguous()  # (G, 3, N)
+    g, _, n = pts.shape
+    inv = prob.inv[rows].to(w)
+    inv_flat = (-(1.0 - lam) * prob.inv[rows]).to(w).view(-1)
+    ar = torch.arange(g, device=pts.device)
+    off = ar * n
+    hist = torch.empty(steps, g, n, dtype=w, device=pts.device)
+    picked = torch.empty(g, steps, dtype=torch.long, device=pts.device)
+    running = prob.initial_running(rows)
+    run_flat = running.view(-1)
+    pos = prob.start[rows]
+    for i in range(steps):
+        picked[:, i] = pos
+        flat = off + pos if g > 1 else pos
+        diff = pts - (pts[ar, :, pos].unsqueeze(2) if g > 1 else pts[:, :, pos])
+        diff.mul_(diff)
+        row = torch.sum(diff, dim=1, out=hist[i]).sqrt_()                          # λd/dx
+        coef = inv_flat.index_select(0, flat).unsqueeze(1)                         # −(1−λ)/‖F_p‖
+        row.addcmul_(dot_rows(flat), inv * coef)                                   # − (1−λ) cos
+        torch.minimum(running, row, out=running)
+        run_flat.index_fill_(0, flat, float("-inf"))
+        if i + 1 < steps:
+            val, idx = running.topk(2, dim=1)
+            vl = val.tolist()
+            amb = sum(1 for (v0, v1), t in zip(vl, thr) if v1 >= v0 - t)
+            if amb:
+                prob.resolved += amb
+                pos = prob.resolve(rows, running, val, hist, picked, i + 1)
+            else:
+                pos = idx[:, 0]
+    return picked
 
 
 def _run_matrix(prob: _Problem, rows: slice, steps: int) -> torch.Tensor:
-    """(G, N, N) fused matrix in token order (diagonal −inf, so a pick's own entry marks it), then
-    gather / minimum / certified arg-max per step."""
-    w, lam = prob.work, prob.lam
-    f = _unit_features(prob, rows)
-    g, n, _ = f.shape
-    gram = torch.empty(g, n, n, dtype=w, device=f.device)
-    blk = -(-n // 4)  # 4 × 4 blocks; the Gram matrix is symmetric, so only the 10 upper ones are multiplied
+    """Dot products from the (G, N, N) Gram matrix, built once: only its 10 upper blocks of 4 × 4 are
+    multiplied (it is symmetric), the lower half mirrored; a step gathers rows."""
+    f = _work_features(prob, rows)
+    g, n, c = f.shape
+    gram = torch.empty(g, n, n, dtype=prob.work, device=f.device)
+    blk = -(-n // 4)
     for i in range(0, n, blk):
         upper = torch.bmm(f[:, i:i + blk], f[:, i:].transpose(1, 2))
         gram[:, i:i + blk, i:] = upper
         gram[:, i + blk:, i:i + blk] = upper[:, :, blk:].transpose(1, 2)
     del f
-    pts = prob.centred[rows].to(w)
-    fused = _distances(pts, pts).mul_(prob.a[rows].to(w).view(g, 1, 1))
-    fused.add_(gram, alpha=-(1.0 - lam))                                   # λd/dx − (1−λ) cos
-    del gram
-    fused.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    ar = torch.arange(g, device=fused.device)
-    running = prob.initial_running(rows)
-    picked = torch.empty(g, steps, dtype=torch.long, device=fused.device)
-    pos = prob.start[rows]
-
-    def fetch(gi: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
-        return fused[gi.unsqueeze(1), picked[gi, :m], s.unsqueeze(1)]
-
-    for i in range(steps):
-        picked[:, i] = pos
-        torch.minimum(running, fused[ar, pos], out=running)
-        if i + 1 < steps:
-            pos = prob.next_pick(running, rows, picked, i + 1, fetch)
-    return picked
+    flat = gram.view(g * n, n)
+    return _fps_loop(prob, rows, steps, c, lambda idx: flat.index_select(0, idx))
 
 
 def _run_rows(prob: _Problem, rows: slice, steps: int) -> torch.Tensor:
-    """Only the row of the token just picked: one matrix-vector product per step (the rows are kept for
-    resolving near-ties)."""
-    w, lam = prob.work, prob.lam
-    f = _unit_features(prob, rows)
-    g, n, _ = f.shape
-    ft = f.transpose(1, 2)
-    pts = prob.centred[rows].to(w)
-    a = prob.a[rows].to(w).unsqueeze(1)
-    hist = torch.empty(steps, g, n, dtype=w, device=f.device)
-    ar = torch.arange(g, device=f.device)
-    running = prob.initial_running(rows)
-    picked = torch.empty(g, steps, dtype=torch.long, device=f.device)
-    pos = prob.start[rows]
-
-    def fetch(gi: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
-        return hist[:m, gi, s].transpose(0, 1)
-
-    for i in range(steps):
-        picked[:, i] = pos
-        cos = torch.bmm(f[ar, pos].unsqueeze(1), ft).squeeze(1)                  # (G, N)
-        geo = torch.linalg.vector_norm(pts - pts[ar, pos].unsqueeze(1), dim=2)  # (G, N)
-        row = torch.mul(geo, a, out=hist[i]).add_(cos, alpha=-(1.0 - lam))      # λd/dx − (1−λ) cos
-        torch.minimum(running, row, out=running)
-        running[ar, pos] = float("-inf")
-        if i + 1 < steps:
-            pos = prob.next_pick(running, rows, picked, i + 1, fetch)
-    return picked
+    """Dot products of the pick only: one matrix-vector product per row and step."""
+    f = _work_features(prob, rows)
+    g, n, c = f.shape
+    ff, ft = f.view(g * n, c), f.transpose(1, 2)
+    if g == 1:
+        return _fps_loop(prob, rows, steps, c, lambda idx: torch.mv(ff, ff[idx[0]]).unsqueeze(0))
+    return _fps_loop(prob, rows, steps, c, lambda idx: torch.bmm(ff.index_select(0, idx).unsqueeze(1), ft).squeeze(1))
 
 
 # -- dispatch -------------------------------------------------------------------------------------------------------
@@ -400,10 +463,11 @@ def resolve_strategy(strategy: str, b: int, n: int, steps: int, device: torch.de
                      channels: int = 0, work_bytes: int = 4, chunk_bytes: Optional[int] = None) -> str:
     """The strategy ``"auto"`` runs for B rows of N tokens with C = ``channels`` and ``steps`` picks.
 
-    CPU crossovers (2-core EPYC, float32): a rows step costs one pass over a row group's features, a matrix
-    costs the Gram product up front, so the matrix wins when steps · 7 >= N while a row group's features fit
-    in cache (``chunk_bytes``, per view at 12 × 729 × 1152) and when steps · 12 >= N when each step reads them
-    from memory (one FPS over 8,748 tokens).
+    CPU crossovers (2-core EPYC, float32, measured with ``benchmarks/segpruner_selection.py``-style inputs): a
+    rows step is one pass over a row group's features, the matrix is a Gram product up front; the matrix is
+    faster when steps · 18 >= N while a row group's features fit in cache (12 views × 729 × 1152: from
+    T ≈ 40 per view) and when steps · 16 >= N when every step reads them from memory (one FPS over 8,748
+    tokens: from T ≈ 550).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -447,7 +511,7 @@ def fused_fps(
     strategy: ``"auto"``, ``"matrix"`` or ``"rows"``; precision: ``"auto"``, ``"float32"`` or ``"float64"``
     (work precision of the certified approximation). All return the same indices (module docstring).
     max_matrix_bytes: largest fused matrix per row group (B·N²·work bytes; ``"auto"`` needs all rows to fit).
-    chunk_bytes: rows strategy: work-precision feature bytes per row group (default: 4 MiB on CPU, all on CUDA).
+    chunk_bytes: rows strategy: work-precision feature bytes per row group (default: 12 MiB on CPU, all on CUDA).
     stats: optional dict, filled with ``strategy``, ``precision`` and ``resolved`` (row-steps resolved with
     reference values).
     Returns (B, M) long token indices (into N), in pick order.
@@ -473,8 +537,6 @@ def fused_fps(
         return torch.zeros(b, 0, dtype=torch.long, device=points.device)
     if pos is None:
         pos = cand.to(torch.int8).argmax(dim=1)
-    if not all_finite(features):
-        raise ValueError("features: contains NaN or infinite values")
     prob = _Problem(points, features, order, cand, pos, lam_f, normalizer, precision)
     wbytes = torch.empty((), dtype=prob.work).element_size()
     chosen = resolve_strategy(strategy, b, n, steps, points.device, max_matrix_bytes, prob.c, wbytes, chunk_bytes)

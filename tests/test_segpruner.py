@@ -479,6 +479,8 @@ def test_fps_errors():
         fused_fps(pts, feats, 2, 0.5, candidates=cand, start=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"^strategy: expected"):
         fused_fps(pts, feats, 2, 0.5, strategy="fast")
+    with pytest.raises(ValueError, match=r"^precision: expected"):
+        fused_fps(pts, feats, 2, 0.5, precision="half")
     with pytest.raises(ValueError, match=r"^lam: expected"):
         fused_fps(pts, feats, 2, 1.5)
     with pytest.raises(ValueError, match=r"^order: a token is listed twice"):
