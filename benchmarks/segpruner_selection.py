@@ -9,9 +9,10 @@
    default; their float32 ``distance`` buffer; cdist + a matrix-vector product per step, dx at step 0,
    boolean-mask running minimum). Reported: the speed-up, and EXACT counts of kept tokens that differ from
    that loop and from the same operations in float64 (the arithmetic of the project's rule, which must give
-   0); how many row-steps had near-ties resolved with reference values; and the floor of a rows step (the
-   float32 features of every view read once: bytes / read bandwidth, both measured in this run, from memory
-   and cache-resident). Then per_scene (T = 12 × 64 over the whole scene) against the same loop run once
+   0); how many row-steps had near-ties resolved with reference values; and floors measured in this run: a
+   rows step reads every view's float32 features once (bytes / read bandwidth, from memory and
+   cache-resident), the matrix strategy multiplies 10 of 16 Gram blocks (FLOPs / float32 GEMM rate). Then
+   per_scene (T = 12 × 64 over the whole scene) against the same loop run once
    over the flattened scene. Rounds are interleaved, order reversed every other round; each time is the
    best round.
 2. Saliency memory: peak extra memory of ``received_attention`` (SigLIP's last layer, one head at a time)
@@ -174,25 +175,43 @@ def read_bandwidth(t: torch.Tensor, sync, repeats: int) -> float:
     return t.numel() * t.element_size() / best
 
 
+def gemm_rate(device: str, sync, repeats: int = 5) -> float:
+    """float32 FLOP/s of a 2048 × 2048 × 2048 matrix product (best of ``repeats``)."""
+    a = torch.randn(2048, 2048, device=device)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ a
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best
+
+
 def selection_table(args) -> None:
     dtype = DTYPES[args.dtype]
     sal, feats, cents = make_inputs(args.views, args.channels, args.device, dtype)
     sync = _sync(args.device)
     v, p = sal.shape
-    step_bytes = v * p * args.channels * 4  # the float32 features a rows step reads (every view's)
+    step_bytes = v * p * args.channels * 4  # a rows step reads every view's float32 features once
     big = torch.ones(64 << 20, device=args.device)  # 256 MiB, far beyond any cache
     bw_mem = read_bandwidth(big, sync, 5)
     del big
-    bw_cache = read_bandwidth(feats[0].float().contiguous(), sync, 200)  # one view's features, cache-resident
+    bw_cache = read_bandwidth(feats[0].float().contiguous(), sync, 200)  # one view's features: cache-resident
+    flops = gemm_rate(args.device, sync)
+    gram_flops = 10 / 16 * 2 * v * p * p * args.channels  # the matrix strategy's 10 upper Gram blocks of 4 × 4
     print(f"\nSelection, per_view: {v} views × {p} tokens, C = {args.channels}, features {args.dtype}, "
           f"r = {args.ratio}, λ = {args.lam}, device {args.device} ({torch.get_num_threads()} CPU threads), "
           f"best of {args.rounds} interleaved rounds")
-    print(f"Read bandwidth (tensor.sum): memory {bw_mem / 1e9:.1f} GB/s (256 MiB), cache-resident "
-          f"{bw_cache / 1e9:.1f} GB/s (one view's features); a rows step reads {step_bytes / 1e6:.1f} MB")
+    print(f"Measured in this run: read bandwidth (tensor.sum) {bw_mem / 1e9:.1f} GB/s from memory (256 MiB), "
+          f"{bw_cache / 1e9:.1f} GB/s cache-resident (one view's features); float32 GEMM {flops / 1e9:.0f} GFLOP/s. "
+          f"Floors: rows = steps × {step_bytes / 1e6:.1f} MB / bandwidth; matrix = {gram_flops / 1e9:.2f} GFLOP "
+          f"of Gram blocks / GEMM rate.")
     print(f"| T | FPS steps | strategy | ours s | released loop ({args.dtype}) s | speed-up | kept tokens differing "
-          "from the released loop | from its float64 arithmetic | near-ties resolved | floor memory s | "
-          "floor cache s | ours / floor cache |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "from the released loop | from its float64 arithmetic | row-steps resolved | floor rows, memory s | "
+          "floor rows, cache s | floor matrix s | ours / floor of the strategy run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         method = SeGPruner(tokens=tokens, important_ratio=args.ratio, lam=args.lam, mode="per_view")
         m = method.diverse_count
@@ -204,11 +223,15 @@ def selection_table(args) -> None:
         rule = released_select(sal, feats, cents, tokens, args.ratio, args.lam, float64=True)
         stats = run_stats(sal, feats, cents, method)
         t = interleaved_best(fns, args.rounds, sync)
-        floor_mem, floor_cache = m * step_bytes / bw_mem, m * step_bytes / bw_cache
-        print(f"| {tokens} | {m} | {stats.get('strategy', '-')} {stats.get('precision', '')} | {t['ours']:.3f} | "
+        floors = {"rows memory": m * step_bytes / bw_mem, "rows cache": m * step_bytes / bw_cache,
+                  "matrix": gram_flops / flops}
+        strategy = stats.get("strategy", "-")
+        floor = floors["matrix"] if strategy == "matrix" else floors["rows cache"]
+        print(f"| {tokens} | {m} | {strategy} {stats.get('precision', '')} | {t['ours']:.3f} | "
               f"{t['released']:.3f} | {t['released'] / t['ours']:.2f}× | {differing(ours, rel)} | "
-              f"{differing(ours, rule)} | {stats.get('resolved', 0)} of {v * max(0, m - 1)} | {floor_mem:.3f} | "
-              f"{floor_cache:.3f} | {t['ours'] / floor_cache:.2f} |")
+              f"{differing(ours, rule)} | {stats.get('resolved', 0)} of {v * max(0, m - 1)} | "
+              f"{floors['rows memory']:.3f} | {floors['rows cache']:.3f} | {floors['matrix']:.3f} | "
+              f"{t['ours'] / floor:.2f} |")
 
 
 def run_stats(sal, feats, cents, method: SeGPruner) -> dict:

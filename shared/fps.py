@@ -51,10 +51,9 @@ PRECISIONS = ("auto", "float32", "float64")
 
 _F64 = torch.float64
 _WORK = {"float32": torch.float32, "float64": torch.float64}
-_CPU_ROW_PENALTY = 18.0       # CPU auto: matrix when steps · 18 >= N (a row group's features in cache) ...
+_CPU_ROW_PENALTY = 13.0       # CPU auto: matrix when steps · 13 >= N (a row group's features in cache) ...
 _CPU_DRAM_ROW_PENALTY = 16.0  # ... or steps · 16 >= N when every step reads them from memory
 _CPU_CHUNK_BYTES = 12 << 20   # rows on CPU: work-precision feature bytes per row group
-_NORM_CHUNK = 32              # float32 norms: squares summed in chunks of 32, then the chunk sums
 _NORM_RANGE = (1e-6, 1e18)    # float32 work only for candidate feature norms in this range
 _BLOCK_BYTES = 64 << 20       # temporaries of the diameter
 
@@ -203,27 +202,11 @@ def error_bound(channels: int, dot_terms: int, norm_rel: float, lam: float, a: t
     return e
 
 
-def _feature_norms(features: torch.Tensor, cand: torch.Tensor, exact: bool = False) -> Tuple[torch.Tensor, float]:
-    """Feature norms (B, N) float64 of the candidates and their relative error bound.
-
-    float32 (or narrower) features with C a multiple of 32: squares in float32 summed in chunks of 32 and
-    then across chunks, one batch row at a time (in cache): relative error ≤ γ_{C/32+32}(u)/2 + U, ~2e-6 at
-    C = 1152, where ``vector_norm(..., dtype=float64)`` costs 15x more. Falls back to float64 norms when a
-    candidate's squared norm leaves [1e-20, 1e30] (float32 squares could underflow or overflow) or C does
-    not split, or when ``exact``."""
-    b, n, c = features.shape
-    if not exact and features.dtype in (torch.float32, torch.float16, torch.bfloat16) and c % _NORM_CHUNK == 0 and c >= 64:
-        sq = torch.empty(b, n, dtype=torch.float32, device=features.device)
-        for r in range(b):
-            x = features[r].float()
-            torch.sum((x * x).view(n, c // _NORM_CHUNK, _NORM_CHUNK).sum(-1), dim=-1, out=sq[r])
-        lo = torch.where(cand, sq, torch.full((), 1.0, device=sq.device)).amin()
-        hi = torch.where(cand, sq, torch.zeros((), device=sq.device)).amax()
-        if bool((lo >= 1e-20) & (hi <= 1e30)):
-            u = torch.finfo(torch.float32).eps / 2
-            return sq.to(_F64).sqrt_(), _gamma(c // _NORM_CHUNK + _NORM_CHUNK, u) / 2 + 2 * torch.finfo(_F64).eps
-    norms = torch.stack([torch.linalg.vector_norm(features[r], dim=-1, dtype=_F64) for r in range(b)])
-    return norms, _gamma(c + 2, torch.finfo(_F64).eps / 2)
+def _feature_norms(features: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """Feature norms (B, N) in float64 (one batch row at a time: 5x faster than all rows at once on CPU) and
+    their relative error bound γ_{C+2}(U)."""
+    norms = torch.stack([torch.linalg.vector_norm(features[r], dim=-1, dtype=_F64) for r in range(features.shape[0])])
+    return norms, _gamma(features.shape[-1] + 2, torch.finfo(_F64).eps / 2)
 
 
 # -- shared state of one call -----------------------------------------------------------------------------------
@@ -250,7 +233,7 @@ class _Problem:
         if not all_finite(self.pts):
             raise ValueError("points: non-finite coordinates on candidate tokens (mark tokens without geometry "
                              "as non-candidates)")
-        norms, self.norm_rel = _feature_norms(self.features, self.tok_cand, exact=precision == "float64")
+        norms, self.norm_rel = _feature_norms(self.features)
         if not all_finite(norms):
             if not all_finite(self.features):
                 raise ValueError("features: contains NaN or infinite values")
@@ -262,9 +245,6 @@ class _Problem:
         min_norm = torch.where(self.tok_cand, norms, inf).amin(dim=1)
         max_norm = norms.amax(dim=1)  # every token's: float32 products of non-candidates must not overflow either
         self.work = _WORK[resolve_precision(precision, dev, float(min_norm.min()), float(max_norm.max()))]
-        if self.work == _F64 and self.norm_rel > 1e-12:   # float64 work gets float64 norms
-            norms, self.norm_rel = _feature_norms(self.features, self.tok_cand, exact=True)
-            self.inv = torch.where(self.tok_cand, 1.0 / norms, zero)
         self.dx = normalizer_dx(self.pts, self.tok_cand, self.start, normalizer)
         self.a = lam / self.dx
         lo = torch.where(cmask, self.pts, inf).amin(dim=1)
@@ -276,6 +256,7 @@ class _Problem:
         self.features_flat = self.features.reshape(b * n, self.c)
         self.pts_flat = self.pts.view(b * n, 3)
         self.rank_flat = self.rank.view(b * n)
+        self.inv_flat = self.inv.view(b * n)
         self.resolved = 0                                       # row-steps resolved with reference values
 
     def set_bound(self, dot_terms: int) -> None:
@@ -285,9 +266,9 @@ class _Problem:
         e = error_bound(self.c, dot_terms, self.norm_rel, self.lam, a, centred_max, raw_max, min_norm, self.work)
         v = 2.0 * (1.0 - self.lam) + a * 4.0 * centred_max
         self.thr = (2.0 * e + 8.0 * torch.finfo(_F64).eps * v).tolist()
-        # float64 values of the resolution (any summation order, own norms, raw points) against the reference
-        u64 = torch.finfo(_F64).eps / 2
-        e2 = error_bound(self.c, self.c, _gamma(self.c + 2, u64), self.lam, a, raw_max, raw_max, min_norm, _F64)
+        # float64 values of the resolution (any summation order, the float64 norms, raw points) against the
+        # reference
+        e2 = error_bound(self.c, self.c, self.norm_rel, self.lam, a, raw_max, raw_max, min_norm, _F64)
         self.level2_thr = (2.0 * e2 + 8.0 * torch.finfo(_F64).eps * (v + a * 4.0 * raw_max)).tolist()
         # work-precision comparisons r >= top − thr_work and h <= r + thr_work: their rounding is covered
         thr_work = 2.0 * e + 4.0 * torch.finfo(self.work).eps * (2.0 * v + 2.0 * e)
@@ -323,9 +304,7 @@ class _Problem:
         fi, fj = self.features_flat.index_select(0, ti), self.features_flat.index_select(0, tj)
         pi, pj = self.pts_flat.index_select(0, ti), self.pts_flat.index_select(0, tj)
         a = self.a.index_select(0, rg)
-        x, y = fi.to(_F64), fj.to(_F64)
-        sums = torch.stack([x * x, y * y, x * y]).sum(-1)
-        cos = sums[2] / (sums[0].sqrt() * sums[1].sqrt())
+        cos = (fi.to(_F64) * fj.to(_F64)).sum(-1) * self.inv_flat.index_select(0, ti) * self.inv_flat.index_select(0, tj)
         f2 = a * torch.linalg.vector_norm(pi - pj, dim=1) - (1.0 - self.lam) * cos
         inf = torch.full(s.shape, float("inf"), dtype=_F64, device=s.device)
         lvl2 = inf.scatter_reduce(0, w, f2, "amin").tolist()
@@ -465,9 +444,9 @@ def resolve_strategy(strategy: str, b: int, n: int, steps: int, device: torch.de
 
     CPU crossovers (2-core EPYC, float32, measured with ``benchmarks/segpruner_selection.py``-style inputs): a
     rows step is one pass over a row group's features, the matrix is a Gram product up front; the matrix is
-    faster when steps · 18 >= N while a row group's features fit in cache (12 views × 729 × 1152: from
-    T ≈ 40 per view) and when steps · 16 >= N when every step reads them from memory (one FPS over 8,748
-    tokens: from T ≈ 550).
+    faster when steps · 13 >= N while a row group's features fit in cache (12 views × 729 × 1152: rows
+    faster up to T = 48, matrix from T = 64) and when steps · 16 >= N when every step reads them from memory
+    (one FPS over 8,748 tokens: rows at T = 256, matrix at T = 768).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
