@@ -23,20 +23,23 @@ in a work precision (float32, or float64) and carry a rigorous bound E on its di
 reference value (``error_bound``: a dot product of n terms summed in any order is off by at most
 γ_n · Σ|x_k y_k|, γ_n = n·u / (1 − n·u); plus the rounding of norms, points and additions). At each step the
 candidates whose approximate running minimum lies within 2E of the largest form a set S. When S holds one
-token it is the reference arg-max. Otherwise S is resolved with reference values: each member's running
-minimum is recomputed from the reference values of the picks whose approximate distance lies within 2E of
-its approximate minimum (no other pick can attain it). Every strategy and precision therefore returns the
-reference rule's indices; they differ in speed only (``stats["resolved"]`` counts the resolved row-steps).
+token it is the reference arg-max. Otherwise each member's running minimum is recomputed over the picks
+whose approximate distance lies within 2E of its approximate minimum (no other pick can attain it), first
+in float64 (any summation order, bound E2 ~1e-12), and where that leaves two members within 2·E2 (exact
+ties), from reference values, ties to the token listed first. Every strategy and precision therefore
+returns the reference rule's indices; they differ in speed only (``stats["resolved"]`` counts the
+resolved row-steps).
 
-Strategies: ``"matrix"`` builds each row's (N, N) fused matrix once (Gram products over its upper blocks,
-the lower half mirrored); a step is then a row gather, a running minimum and a top-2. ``"rows"`` computes
-only the row of the token just picked (one matrix-vector product per step), one batch row at a time on CPU
-(``chunk_bytes``) so that its features stay in cache. ``"auto"`` takes the matrix when it fits
-``max_matrix_bytes`` and, on CPU, when the steps are a sizeable share of N (``resolve_strategy``); on CUDA,
-where the loop's kernel launches dominate, whenever it fits. Precision ``"auto"`` is float32 unless float32
-matrix products may run in reduced precision (TF32 or bf16 passes: ``torch.get_float32_matmul_precision()``
-other than ``"highest"``, or the backend flags) or the candidate feature norms leave [1e-6, 1e18], where
-float32 products could underflow or overflow; then float64.
+Strategies: ``"matrix"`` builds each row's (N, N) Gram matrix of the raw features once (its upper blocks,
+the lower half mirrored); a step is then a row gather, the geometric row, a running minimum and a top-2.
+``"rows"`` computes only the pick's dot products (one matrix-vector product per row and step), in groups
+of rows whose features fit ``chunk_bytes`` (12 MiB on CPU, so that they stay in cache). ``"auto"`` takes
+the matrix when it fits ``max_matrix_bytes`` and, on CPU, when the steps are a sizeable share of N
+(``resolve_strategy``); on CUDA, where the loop's kernel launches dominate, whenever it fits. Precision
+``"auto"`` is float32 unless float32 matrix products may run in reduced precision (TF32 or bf16 passes:
+``torch.get_float32_matmul_precision()`` other than ``"highest"``, or the backend flags) or the feature
+norms leave [1e-6, 1e18] (candidates' smallest, every token's largest), where float32 products could
+underflow or overflow; then float64.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ _WORK = {"float32": torch.float32, "float64": torch.float64}
 _CPU_ROW_PENALTY = 13.0       # CPU auto: matrix when steps · 13 >= N (a row group's features in cache) ...
 _CPU_DRAM_ROW_PENALTY = 16.0  # ... or steps · 16 >= N when every step reads them from memory
 _CPU_CHUNK_BYTES = 12 << 20   # rows on CPU: work-precision feature bytes per row group
-_NORM_RANGE = (1e-6, 1e18)    # float32 work only for candidate feature norms in this range
+_NORM_RANGE = (1e-6, 1e18)    # float32 work only for feature norms in this range
 _BLOCK_BYTES = 64 << 20       # temporaries of the diameter
 
 
