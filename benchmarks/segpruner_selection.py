@@ -375,6 +375,9 @@ def main(argv: List[str] = None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds: expected an int >= 1")
+    if args.dtype == "float64" and not args.skip_selection and not args.memory_worker:
+        ap.error("--dtype: the released loop cannot run in float64 (its float32 distance buffer refuses a float64 "
+                 "index-put); use float32, bfloat16 or float16, or --skip-selection")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
