@@ -4,14 +4,17 @@
     python benchmarks/segpruner_selection.py --device cuda --dtype bfloat16
 
 1. Selection (per_view, 12 views × 729 tokens, C = 1152, random features, centroids from a synthetic room
-   seen by 12 pinhole cameras): ``SeGPruner(...).select`` against a straightforward loop written here that
-   recomputes each step's distances and similarities from scratch, as the released ``farthest_point_sample``
-   does (cdist + a matrix-vector product per step, dx at step 0, boolean-mask running minimum). The loop runs
-   twice: in float64, the arithmetic ``select`` uses, where the kept sets must be identical; and in the input
-   dtype, as the released code would run, with the overlap of its kept sets (it can differ from float64 where
-   two candidates tie within float32 rounding). Then per_scene (T = 12 × 64 over the whole scene) against
-   the same loop run once over the flattened scene. Rounds are interleaved, order reversed every other
-   round; each time is the best round.
+   seen by 12 pinhole cameras): ``SeGPruner(...).select`` against a transcription of the released
+   ``farthest_point_sample`` selection run as the authors run it (features in the tower's dtype, float32 by
+   default; their float32 ``distance`` buffer; cdist + a matrix-vector product per step, dx at step 0,
+   boolean-mask running minimum). Reported: the speed-up, and EXACT counts of kept tokens that differ from
+   that loop and from the same operations in float64 (the arithmetic of the project's rule, which must give
+   0); how many row-steps had near-ties resolved with reference values; and floors measured in this run: a
+   rows step reads every view's float32 features once (bytes / read bandwidth, from memory and
+   cache-resident), the matrix strategy multiplies 10 of 16 Gram blocks (FLOPs / float32 GEMM rate). Then
+   per_scene (T = 12 × 64 over the whole scene) against the same loop run once
+   over the flattened scene. Rounds are interleaved, order reversed every other round; each time is the
+   best round.
 2. Saliency memory: peak extra memory of ``received_attention`` (SigLIP's last layer, one head at a time)
    against materialising a layer's full (12, 16, 729, 729) attention map as the eager tower does, measured;
    and the 26 maps that ``output_attentions=True`` keeps, computed. CPU: peak resident memory of a child
@@ -38,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from shared.fps import resolve_strategy  # noqa: E402
+from shared.fps import fused_fps  # noqa: E402
 from shared.methods.segpruner import SeGPruner  # noqa: E402
 from shared.scoring import received_attention  # noqa: E402
 
@@ -82,45 +85,54 @@ def make_inputs(views: int, channels: int, device: str, dtype: torch.dtype, seed
     return saliency.to(device), features.to(device, dtype), centroids.to(device, torch.float32)
 
 
-# -- the straightforward reference (released loop, recomputed from scratch every step) -----------------------
+# -- the released loop, transcribed -------------------------------------------------------------------------------
 
-def reference_select(saliency, features, centroids, tokens: int, ratio: float, lam: float,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Released rule, per view: argsort, then FPS with cdist + cosine recomputed each step (dx at step 0).
-
-    Features in ``dtype`` (the tower's); centroids in float32 as the released depth back-projection gives them
-    (float64 when ``dtype`` is float64); the running distance in the promoted dtype, as in the released code.
-    """
-    feats = features.to(dtype)
-    xyz = centroids.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    run_dtype = torch.promote_types(dtype, xyz.dtype)
-    b, n, _ = feats.shape
+def released_select(saliency, features, centroids, tokens: int, ratio: float, lam: float,
+                    float64: bool = False) -> torch.Tensor:
+    """Keep mask (V, P) of the released ``farthest_point_sample`` selection, step by step, run as the authors
+    run it: features in the tower's dtype (normalised before the residual gather), centroids float32, the
+    running ``distance`` made by ``torch.ones(V, R) * 1e10`` (the default dtype, float32), cdist in its
+    default mode, dx at step 0, a boolean-mask index-put and ``torch.max`` for the next pick; saliency
+    ``argsort(descending=True)``. With ``float64``: the same operations in float64 throughout (the
+    arithmetic of the project's rule; the released code itself cannot run so, its float32 ``distance``
+    refuses a float64 index-put)."""
+    if float64:
+        features, centroids = features.double(), centroids.double()
+    else:
+        centroids = centroids.float()
+    v, n, _ = features.shape
+    dev = features.device
     k = int(tokens * ratio)
     m = tokens - k
-    order = saliency.argsort(dim=-1, descending=True)
-    important, residual = order[:, :k], order[:, k:]
-    rows = torch.arange(b, device=feats.device)
-    pts = xyz[rows.unsqueeze(-1), residual]
-    unit = feats / feats.norm(dim=-1, keepdim=True)
-    unit = unit[rows.unsqueeze(-1), residual]
-    picks = torch.zeros(b, m, dtype=torch.long, device=feats.device)
-    distance = torch.full((b, n - k), 1e10, dtype=run_dtype, device=feats.device)
-    far = torch.zeros(b, dtype=torch.long, device=feats.device)
+    ranked = saliency.argsort(dim=-1, descending=True)
+    important, residual = ranked[:, :k], ranked[:, k:]
+    rows = torch.arange(v, device=dev)
+    xyz = centroids[rows.unsqueeze(-1), residual, :]
+    unit = features / features.norm(dim=-1, keepdim=True)
+    unit = unit[rows.unsqueeze(-1), residual, :]
+    chosen = torch.zeros(v, m, dtype=torch.long, device=dev)
+    distance = torch.ones(v, n - k, dtype=torch.float64 if float64 else None).to(dev) * 1e10
+    far = torch.zeros(v, dtype=torch.long, device=dev)
     dx = None
     for i in range(m):
-        picks[:, i] = far
-        centre = pts[rows, far].view(b, 1, 3)
-        dist = torch.cdist(pts, centre).squeeze(-1)
-        cos = (unit[rows, far].unsqueeze(1) @ unit.transpose(-1, -2)).squeeze(1)
+        chosen[:, i] = far
+        centre = xyz[rows, far, :].view(v, 1, 3)
+        dist = torch.cdist(xyz, centre).squeeze(-1)
+        scores = (unit[rows, far, :].unsqueeze(1) @ unit.transpose(-1, -2)).squeeze(1)
         if i == 0:
             dx = dist.max(-1, keepdim=True)[0]
-        fused = lam * dist / dx + (1 - lam) * (1 - cos)
+        fused = lam * dist / dx + (1 - lam) * (1 - scores)
         closer = fused < distance
         distance[closer] = fused[closer]
         far = torch.max(distance, -1)[1]
-    chosen = torch.cat([important, residual[rows.unsqueeze(-1), picks]], dim=-1)
-    mask = torch.zeros(b, n, dtype=torch.bool, device=feats.device)
-    return mask.scatter_(1, chosen, True)
+    kept = torch.cat([important, residual[rows.unsqueeze(-1), chosen]], dim=-1)
+    return torch.zeros(v, n, dtype=torch.bool, device=dev).scatter_(1, kept, True)
+
+
+def differing(ours: torch.Tensor, ref: torch.Tensor) -> str:
+    """Exact count of kept tokens that differ: kept by ours and not by ref (as many as the reverse)."""
+    per_view = (ours & ~ref).sum(dim=1)
+    return f"{int(per_view.sum())} of {int(ours.sum())} ({int((per_view > 0).sum())} of {ours.shape[0]} views)"
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -129,7 +141,7 @@ def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
-def interleaved_best(fns: Dict[str, Callable[[], torch.Tensor]], rounds: int, sync) -> Dict[str, float]:
+def interleaved_best(fns: Dict[str, Callable[[], object]], rounds: int, sync) -> Dict[str, float]:
     best = {name: float("inf") for name in fns}
     names = list(fns)
     for fn in fns.values():  # warm-up
@@ -150,38 +162,90 @@ def interleaved_best(fns: Dict[str, Callable[[], torch.Tensor]], rounds: int, sy
     return best
 
 
+def read_bandwidth(t: torch.Tensor, sync, repeats: int) -> float:
+    """Bytes per second of ``t.sum()`` (best of ``repeats``): a streaming read of t."""
+    t.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        t.sum()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return t.numel() * t.element_size() / best
+
+
+def gemm_rate(device: str, sync, repeats: int = 5) -> float:
+    """float32 FLOP/s of a 2048 × 2048 × 2048 matrix product (best of ``repeats``)."""
+    a = torch.randn(2048, 2048, device=device)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ a
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best
+
+
 def selection_table(args) -> None:
     dtype = DTYPES[args.dtype]
     sal, feats, cents = make_inputs(args.views, args.channels, args.device, dtype)
     sync = _sync(args.device)
-    p = sal.shape[1]
-    print(f"\nSelection, per_view: {args.views} views × {p} tokens, C = {args.channels}, features {args.dtype}, "
+    v, p = sal.shape
+    step_bytes = v * p * args.channels * 4  # a rows step reads every view's float32 features once
+    big = torch.ones(64 << 20, device=args.device)  # 256 MiB, far beyond any cache
+    bw_mem = read_bandwidth(big, sync, 5)
+    del big
+    bw_cache = read_bandwidth(feats[0].float().contiguous(), sync, 200)  # one view's features: cache-resident
+    flops = gemm_rate(args.device, sync)
+    gram_flops = 10 / 16 * 2 * v * p * p * args.channels  # the matrix strategy's 10 upper Gram blocks of 4 × 4
+    print(f"\nSelection, per_view: {v} views × {p} tokens, C = {args.channels}, features {args.dtype}, "
           f"r = {args.ratio}, λ = {args.lam}, device {args.device} ({torch.get_num_threads()} CPU threads), "
           f"best of {args.rounds} interleaved rounds")
-    print("| T | FPS steps | strategy | ours s | loop float64 s | speed-up | kept sets identical "
-          f"| loop {args.dtype} s | speed-up | overlap with loop {args.dtype} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"Measured in this run: read bandwidth (tensor.sum) {bw_mem / 1e9:.1f} GB/s from memory (256 MiB), "
+          f"{bw_cache / 1e9:.1f} GB/s cache-resident (one view's features); float32 GEMM {flops / 1e9:.0f} GFLOP/s. "
+          f"Floors: rows = steps × {step_bytes / 1e6:.1f} MB / bandwidth; matrix = {gram_flops / 1e9:.2f} GFLOP "
+          f"of Gram blocks / GEMM rate.")
+    print(f"| T | FPS steps | strategy | ours s | released loop ({args.dtype}) s | speed-up | kept tokens differing "
+          "from the released loop | from its float64 arithmetic | row-steps resolved | floor rows, memory s | "
+          "floor rows, cache s | floor matrix s | ours / floor of the strategy run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         method = SeGPruner(tokens=tokens, important_ratio=args.ratio, lam=args.lam, mode="per_view")
         m = method.diverse_count
         fns = {
             "ours": lambda: method.select(sal, feats, cents),
-            "ref64": lambda: reference_select(sal, feats, cents, tokens, args.ratio, args.lam, torch.float64),
-            "refdt": lambda: reference_select(sal, feats, cents, tokens, args.ratio, args.lam, dtype),
+            "released": lambda: released_select(sal, feats, cents, tokens, args.ratio, args.lam),
         }
-        ours, ref64, refdt = (fns[k]() for k in ("ours", "ref64", "refdt"))
-        identical = bool(torch.equal(ours, ref64))
-        overlap = float((ours & refdt).sum()) / float(ours.sum())
+        ours, rel = fns["ours"](), fns["released"]()
+        rule = released_select(sal, feats, cents, tokens, args.ratio, args.lam, float64=True)
+        stats = run_stats(sal, feats, cents, method)
         t = interleaved_best(fns, args.rounds, sync)
-        strategy = resolve_strategy("auto", args.views, p, m, torch.device(args.device), 1 << 30,
-                                    args.channels) if m else "-"
-        print(f"| {tokens} | {m} | {strategy} | {t['ours']:.3f} | {t['ref64']:.3f} | {t['ref64'] / t['ours']:.2f}× "
-              f"| {'yes' if identical else 'NO'} | {t['refdt']:.3f} | {t['refdt'] / t['ours']:.2f}× "
-              f"| {100 * overlap:.1f}% |")
+        floors = {"rows memory": m * step_bytes / bw_mem, "rows cache": m * step_bytes / bw_cache,
+                  "matrix": gram_flops / flops}
+        strategy = stats.get("strategy", "-")
+        floor = floors["matrix"] if strategy == "matrix" else floors["rows cache"]
+        print(f"| {tokens} | {m} | {strategy} {stats.get('precision', '')} | {t['ours']:.3f} | "
+              f"{t['released']:.3f} | {t['released'] / t['ours']:.2f}× | {differing(ours, rel)} | "
+              f"{differing(ours, rule)} | {stats.get('resolved', 0)} of {v * max(0, m - 1)} | "
+              f"{floors['rows memory']:.3f} | {floors['rows cache']:.3f} | {floors['matrix']:.3f} | "
+              f"{t['ours'] / floor:.2f} |")
+
+
+def run_stats(sal, feats, cents, method: SeGPruner) -> dict:
+    """Strategy, precision and near-ties resolved of ``method.select`` (per_view, no invalid geometry)."""
+    stats: dict = {}
+    if method.diverse_count > 0:
+        order = torch.sort(sal, dim=1, descending=True, stable=True).indices[:, method.important_count:]
+        fused_fps(cents, feats, method.diverse_count, method.lam, order=order, normalizer=method.normalizer,
+                  stats=stats)
+    return stats
 
 
 def scene_table(args) -> None:
-    """per_scene: one FPS over all views' tokens, against the same loop run on the flattened scene."""
+    """per_scene: one FPS over all views' tokens, against the released loop run on the flattened scene."""
     dtype = DTYPES[args.dtype]
     sal, feats, cents = make_inputs(args.views, args.channels, args.device, dtype)
     sync = _sync(args.device)
@@ -192,17 +256,18 @@ def scene_table(args) -> None:
     flat = (feats.reshape(1, v * p, -1), cents.reshape(1, v * p, 3))
     fns = {
         "ours": lambda: method.select(sal, feats, cents),
-        "ref64": lambda: reference_select(flat_sal, *flat, tokens, args.ratio, args.lam, torch.float64),
+        "released": lambda: released_select(flat_sal, *flat, tokens, args.ratio, args.lam).view(v, p),
     }
-    ours, ref = fns["ours"](), fns["ref64"]().view(v, p)
+    ours, rel = fns["ours"](), fns["released"]()
+    rule = released_select(flat_sal, *flat, tokens, args.ratio, args.lam, float64=True).view(v, p)
     t = interleaved_best(fns, args.rounds, sync)
-    strategy = resolve_strategy("auto", 1, v * p, method.diverse_count, torch.device(args.device), 1 << 30,
-                                args.channels)
     print(f"\nSelection, per_scene: T = {tokens} over {v} × {p} tokens, r = {args.ratio}, λ = {args.lam}")
-    print("| T | strategy | ours s | loop float64 s | speed-up | kept sets identical | kept per view |")
+    print(f"| T | ours s | released loop on the flattened scene ({args.dtype}) s | speed-up | kept tokens "
+          "differing from that loop | from its float64 arithmetic | kept per view |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {tokens} | {strategy} | {t['ours']:.3f} | {t['ref64']:.3f} | {t['ref64'] / t['ours']:.2f}× | "
-          f"{'yes' if torch.equal(ours, ref) else 'NO'} | {' '.join(str(int(c)) for c in ours.sum(dim=1))} |")
+    print(f"| {tokens} | {t['ours']:.3f} | {t['released']:.3f} | {t['released'] / t['ours']:.2f}× | "
+          f"{int((ours & ~rel).sum())} of {tokens} | {int((ours & ~rule).sum())} of {tokens} | "
+          f"{' '.join(str(int(c)) for c in ours.sum(dim=1))} |")
 
 
 # -- saliency memory --------------------------------------------------------------------------------------------
@@ -310,6 +375,9 @@ def main(argv: List[str] = None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds: expected an int >= 1")
+    if args.dtype == "float64" and not args.skip_selection and not args.memory_worker:
+        ap.error("--dtype: the released loop cannot run in float64 (its float32 distance buffer refuses a float64 "
+                 "index-put); use float32, bfloat16 or float16, or --skip-selection")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.memory_worker:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shared.fps import fused_fps
+from shared.fps import fused_fps, reference_values
 from shared.methods import get_method
 from shared.methods.segpruner import SeGPruner
 
@@ -169,7 +169,8 @@ def test_rigid_motion_and_uniform_scale_invariance():
         assert torch.equal(base, m.select(sal, feats, cents * 3.7))
 
 
-STRATEGY_RUNS = (dict(strategy="matrix"), dict(strategy="rows"), dict(strategy="rows", chunk_bytes=1))
+STRATEGY_RUNS = (dict(strategy="matrix"), dict(strategy="rows"), dict(strategy="rows", chunk_bytes=1),
+                 dict(strategy="matrix", precision="float64"), dict(strategy="rows", precision="float64"))
 
 
 def test_fps_strategies_agree_and_never_repeat():
@@ -208,6 +209,109 @@ def test_fps_ties_go_to_the_token_listed_first():
         # after both duplicates, the other one is never re-picked while others remain
         c = fused_fps(pts, feats, 6, 1.0, **kw)
         assert sorted(c[0].tolist()) == list(range(6))
+
+
+def duplicated_tokens(b, unique, c, seed):
+    """B rows of ``unique`` distinct tokens, each repeated 1-3 times (same point, same feature: exact ties),
+    shuffled. Returns points (B, N, 3) float64, features (B, N, C) float32, group (N,) the distinct token."""
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(b, unique, 3, generator=g, dtype=torch.float64) * torch.tensor([6.0, 5.0, 3.0], dtype=torch.float64)
+    feats = torch.randn(b, unique, c, generator=g)
+    group = torch.repeat_interleave(torch.arange(unique), torch.randint(1, 4, (unique,), generator=g))
+    group = group[torch.randperm(len(group), generator=g)]
+    return pts[:, group], feats[:, group], group
+
+
+def first_listed_reference(pts, feats, group, order, steps, lam):
+    """FPS over the distinct tokens, each represented by its copy listed first in ``order``: the released
+    loop in float64 on the representatives (no ties left), mapped back to token indices."""
+    reps = []
+    for row in range(pts.shape[0]):
+        seen, firsts = set(), []
+        for tok in order[row].tolist():
+            if int(group[tok]) not in seen:
+                seen.add(int(group[tok]))
+                firsts.append(tok)
+        toks = torch.tensor(firsts)
+        unit = feats[row, toks].double()
+        unit = unit / unit.norm(dim=-1, keepdim=True)
+        picks = released_fps(pts[row, toks][None], unit[None], steps, lam)
+        reps.append(toks[picks[0]])
+    return torch.stack(reps)
+
+
+@pytest.mark.parametrize("b,unique,c,steps", [(3, 100, 24, 60), (2, 300, 64, 200), (1, 4374, 16, 300)])
+def test_fps_exact_ties_give_the_same_indices_for_every_strategy(b, unique, c, steps):
+    """Duplicated tokens tie exactly. Every strategy (and "auto") must pick the same tokens: the copy listed
+    first, in the order FPS over the distinct tokens picks them. The last shape is a per_scene-sized
+    flattening (12 × 729 tokens in one row)."""
+    for seed in range(2 if b * unique < 2000 else 1):
+        pts, feats, group = duplicated_tokens(b, unique, c, seed)
+        n = pts.shape[1]
+        g = torch.Generator().manual_seed(100 + seed)
+        order = torch.stack([torch.randperm(n, generator=g) for _ in range(b)])  # tie-break order
+        expected = first_listed_reference(pts, feats, group, order, steps, 0.5)
+        for strategy in ("matrix", "rows", "auto"):
+            got = fused_fps(pts, feats, steps, 0.5, order=order, strategy=strategy)
+            assert int((got != expected).sum()) == 0, (strategy, seed)
+    # past the distinct tokens the copies are picked too: the strategies and precisions still agree exactly
+    pts, feats, group = duplicated_tokens(b, min(unique, 200), c, 0)
+    steps = min(pts.shape[1], int(group.max()) + 1 + 40)
+    runs = [fused_fps(pts, feats, steps, 0.5, **kw) for kw in STRATEGY_RUNS]
+    assert all(int((r != runs[0]).sum()) == 0 for r in runs[1:])
+    assert all(len(set(row)) == steps for row in runs[0].tolist())
+
+
+def jittered_grid(n_side=12, c=16, jitter=1e-6, seed=0):
+    """One row of n_side² tokens on a 0.5 m grid in the z = 0 plane, moved by ±``jitter`` m, with identical
+    features: the geometric term decides every pick and many candidates differ by ~1e-7 in d/dx, below
+    float32 resolution but far above float64's."""
+    g = torch.Generator().manual_seed(seed)
+    ij = torch.stack(torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij"), -1).reshape(-1, 2)
+    pts = torch.zeros(1, n_side * n_side, 3, dtype=torch.float64)
+    pts[0, :, :2] = 0.5 * ij.double() + 2.0
+    pts += jitter * (2 * torch.rand(pts.shape, generator=g, dtype=torch.float64) - 1)
+    feats = torch.ones(1, n_side * n_side, c) + 0.01 * torch.randn(1, 1, c, generator=g)
+    return pts, feats
+
+
+def test_float32_fast_path_returns_the_float64_rule_where_float32_cannot_decide():
+    pts, feats = jittered_grid()
+    steps, lam = 100, 0.5
+    unit = feats.double() / feats.double().norm(dim=-1, keepdim=True)
+    exact = released_fps(pts, unit, steps, lam)
+    # the released loop in its own dtype (float32 points/features, float32 running distance) decides some
+    # of these near-ties differently, so this input does exercise float32 rounding
+    unit32 = feats / feats.norm(dim=-1, keepdim=True)
+    assert int((released_fps(pts.float(), unit32, steps, lam) != exact).sum()) > 0
+    for strategy in ("matrix", "rows"):
+        stats = {}
+        got = fused_fps(pts, feats, steps, lam, strategy=strategy, precision="float32", stats=stats)
+        assert stats["precision"] == "float32" and stats["resolved"] > 0       # the near-ties were resolved
+        assert int((got != exact).sum()) == 0, strategy
+        assert torch.equal(got, fused_fps(pts, feats, steps, lam, strategy=strategy, precision="float64"))
+
+
+def test_reference_values_are_pure_and_hand_checked():
+    g = torch.Generator().manual_seed(0)
+    fi, fj = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    pi, pj = torch.rand(5, 3, generator=g, dtype=torch.float64), torch.rand(5, 3, generator=g, dtype=torch.float64)
+    a = torch.full((5,), 0.3, dtype=torch.float64)
+    f = reference_values(fi, fj, pi, pj, 0.25, a)
+    x, y = fi.double(), fj.double()
+    direct = 0.75 * (1 - (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))) + 0.3 * (pi - pj).norm(dim=-1)
+    assert float((f - direct).abs().max()) < 1e-14
+    # hand-computed: orthogonal features, 3-4-5 triangle
+    one = reference_values(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]),
+                           torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[3.0, 4.0, 0.0]]), 0.5,
+                           torch.tensor([0.1], dtype=torch.float64))
+    assert one.tolist() == [0.5 * 1.0 + 0.1 * 5.0]
+    # the value of a pair does not depend on the batch around it (same bits alone, reversed, repeated)
+    alone = torch.cat([reference_values(fi[k:k + 1], fj[k:k + 1], pi[k:k + 1], pj[k:k + 1], 0.25, a[k:k + 1])
+                       for k in range(5)])
+    rev = reference_values(fi.flip(0), fj.flip(0), pi.flip(0), pj.flip(0), 0.25, a).flip(0)
+    rep = reference_values(fi.repeat(7, 1), fj.repeat(7, 1), pi.repeat(7, 1), pj.repeat(7, 1), 0.25, a.repeat(7))
+    assert torch.equal(f, alone) and torch.equal(f, rev) and torch.equal(rep, f.repeat(7))
 
 
 # -- invalid geometry -------------------------------------------------------------------------------------------
@@ -375,6 +479,8 @@ def test_fps_errors():
         fused_fps(pts, feats, 2, 0.5, candidates=cand, start=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"^strategy: expected"):
         fused_fps(pts, feats, 2, 0.5, strategy="fast")
+    with pytest.raises(ValueError, match=r"^precision: expected"):
+        fused_fps(pts, feats, 2, 0.5, precision="half")
     with pytest.raises(ValueError, match=r"^lam: expected"):
         fused_fps(pts, feats, 2, 1.5)
     with pytest.raises(ValueError, match=r"^order: a token is listed twice"):

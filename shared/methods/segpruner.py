@@ -18,9 +18,11 @@ Modes:
   (every view keeps T tokens; poses cancel out). Saliency ties go to the lower token index (a stable
   descending sort; the released ``argsort(descending=True)`` is not stable, so its order among exactly equal
   scores is backend-defined). FPS ties go to the more salient token (first arg-max in residual order, as in
-  the released loop). Arithmetic is float64 (see ``shared.fps``). The released code runs in the tower's
-  dtype: in bfloat16 its cosines carry ~4e-3 of rounding and it makes different picks (the benchmark's
-  bfloat16 loop shares 73% of its kept tokens with the rule at T = 64; float32: 100%).
+  the released loop). The rule is evaluated in float64 (``shared.fps``: float32 BLAS with a rigorous error
+  bound, near-ties resolved with float64 reference values, so the kept set is the float64 one). The
+  released code runs in the tower's dtype: in float32 it decides near-ties below float32 resolution by
+  rounding (the benchmark's random features: 0, 0 and 1 of 768, 2,352 and 4,716 kept tokens differ at
+  T = 64, 196, 393), and in bfloat16, whose cosines carry ~4e-3 of rounding, 205, 568 and 657 differ.
 - ``"per_scene"`` is the paper's description: ``tokens`` = T is the budget of the whole scene. The K most
   salient tokens of the scene are kept, then one FPS runs over all remaining tokens of all views in the
   shared world frame (distances in metres across views, dx over the scene), so a surface seen by two views
