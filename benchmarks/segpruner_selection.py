@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from shared.fps import fused_fps  # noqa: E402
+from shared.methods.segpruner_fps import fused_fps  # noqa: E402
 from shared.methods.segpruner import SeGPruner  # noqa: E402
 from shared.scoring import received_attention  # noqa: E402
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shared.fps import fused_fps, reference_values
+from shared.methods.segpruner_fps import fused_fps, reference_values
 from shared.methods import get_method
 from shared.methods.segpruner import SeGPruner
 

@@ -7,7 +7,7 @@ A pre-LLM selector over the P vision tokens of each of V views (before the proje
    tower's last layer, column mean over queries, then over heads), descending; the first K = ⌊T·r⌋ are kept.
    K is computed as ``int(T * r)``, the released expression (so T=100, r=0.29 gives 28, not 29).
 2. **Diverse tokens.** The remaining tokens, still in descending saliency, go to farthest-point sampling
-   (``shared.fps.fused_fps``) for M = T − K picks, starting at the most salient one, under the fused distance
+   (``shared.methods.segpruner_fps.fused_fps``) for M = T − K picks, starting at the most salient one, under the fused distance
    λ·d/dx + (1 − λ)·(1 − cos(F̂_i, F̂_j)): d is the Euclidean distance of the patches' mean 3D points (metres),
    F̂ the L2-normalised pre-projector features, dx the normaliser (``"first_centroid"``, released: the largest
    distance from the first pick; ``"diameter"``: the largest distance between two candidates).
@@ -18,7 +18,7 @@ Modes:
   (every view keeps T tokens; poses cancel out). Saliency ties go to the lower token index (a stable
   descending sort; the released ``argsort(descending=True)`` is not stable, so its order among exactly equal
   scores is backend-defined). FPS ties go to the more salient token (first arg-max in residual order, as in
-  the released loop). The rule is evaluated in float64 (``shared.fps``: float32 BLAS with a rigorous error
+  the released loop). The rule is evaluated in float64 (``shared.methods.segpruner_fps``: float32 BLAS with a rigorous error
   bound, near-ties resolved with float64 reference values, so the kept set is the float64 one). The
   released code runs in the tower's dtype: in float32 it decides near-ties below float32 resolution by
   rounding (the benchmark's random features: 0, 0 and 1 of 768, 2,352 and 4,716 kept tokens differ at
@@ -44,7 +44,7 @@ from typing import ClassVar, FrozenSet, Optional
 
 import torch
 
-from ..fps import NORMALIZERS, all_finite, fused_fps
+from .segpruner_fps import NORMALIZERS, all_finite, fused_fps
 from .base import register
 
 MODES = ("per_view", "per_scene")
