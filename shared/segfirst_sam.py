@@ -162,6 +162,18 @@ def _type_name(sig: Tuple[int, int]) -> str:
     return "an unknown type"
 
 
+def _torch_load(path: str) -> Any:
+    """``torch.load`` of tensors only, memory-mapped when the file and torch allow it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except TypeError:  # torch < 2.1 has no mmap
+        pass
+    except RuntimeError as e:  # a legacy (non-zip) file cannot be memory-mapped
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """A SAM checkpoint (plain state dict) from a local file, memory-mapped where torch can (only the
     tensors used are read). Errors name ``checkpoint``."""
@@ -174,12 +186,7 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             f"(SamMaskSource never downloads weights)"
         )
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        state = _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure: not a plain state dict
         raise ValueError(
             f"checkpoint: {path} is not a plain SAM state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})"

@@ -271,6 +271,19 @@ def test_checkpoint_standalone_and_shared(tmp_path, tiny_types):
     assert got.shape == want.shape and int((got != want).sum()) == 0
 
 
+def test_legacy_checkpoint_format_loads(tmp_path, tiny_types):
+    """A pre-zip torch.save file cannot be memory-mapped: it is read whole, to the same weights."""
+    from tests.sam_tiny import tiny_sam
+
+    from shared.segfirst_sam import load_checkpoint
+
+    state = tiny_sam(seed=1).state_dict()
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    got = load_checkpoint(str(path))
+    assert sorted(got) == sorted(state) and all(torch.equal(got[k], state[k]) for k in state)
+
+
 def test_checkpoint_of_another_encoder_is_refused(tmp_path, tiny_types):
     from tests.sam_tiny import tiny_sam
 

@@ -32,7 +32,7 @@ import torch
 
 from . import upstream
 
-REQUIRED_MODULES = ("torchvision", "cv2", "pycocotools", "skimage", "sentencepiece", "accelerate")
+REQUIRED_MODULES = ("torchvision", "cv2", "pycocotools", "skimage", "sentencepiece", "accelerate", "segment_anything")
 
 
 def _environment() -> None:
