@@ -9,13 +9,14 @@ architecture the way ``shared.segfirst_sam.SAM_TYPES`` lists the released ones.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 
 PATCH, SIZE = 64, 1024
 
 
-def tiny_sam(width: int = 16, depth: int = 2, dim: int = 32, with_encoder: bool = True, seed: int = None):
+def tiny_sam(width: int = 16, depth: int = 2, dim: int = 32, with_encoder: bool = True, seed: Optional[int] = None):
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     from shared.segfirst_sam import NoImageEncoder
