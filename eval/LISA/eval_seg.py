@@ -20,7 +20,9 @@ progress, ``--on-error skip`` and the accounting come from ``shared.evalkit``.
 
 Per expression (key ``<image id>:<sentence index>``) one JSONL record: LISA's per-class intersection
 and union, the foreground IoU, the visual tokens each decoder layer saw, N_avg, and prefill TFLOPs
-(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T.
+(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T. Seg-First runs
+(``--csp-masks yolo:PATH|sam:PATH|sam-shared:PATH``) add the mask source, the measured |S|
+(``selected``) and in ``info`` the instances, quotas, ``fallback_used`` and ``mask_seconds``.
 """
 from __future__ import annotations
 
