@@ -2,8 +2,12 @@
 
     python benchmarks/csp_prefill.py                          # CPU, scaled LLaMA (d=1024, 32 layers)
     python benchmarks/csp_prefill.py --dims 7b --device cuda --dtype bfloat16
-    # with the real YOLO11n-seg call timed too (needs ultralytics + torchvision; see scripts/setup_test_envs.sh):
-    YOLO_OFFLINE=1 PYTHONPATH=.venvs/tf-5.23.0 .venvs/yolo/bin/python benchmarks/csp_prefill.py --yolo
+    # the Seg-First mask sources side by side (YOLO11n-seg, SAM standalone, SAM on a shared encoder; needs
+    # ultralytics, segment-anything and torchvision: .venvs/yolo, see scripts/setup_test_envs.sh):
+    YOLO_OFFLINE=1 PYTHONPATH=.:.venvs/tf-5.23.0 .venvs/yolo/bin/python benchmarks/csp_prefill.py --yolo --sam
+    # the same on a GPU (7B decoder dims, bf16 LLM, masks on the GPU):
+    YOLO_OFFLINE=1 PYTHONPATH=.:.venvs/tf-5.23.0 .venvs/yolo/bin/python benchmarks/csp_prefill.py --dims 7b \
+        --device cuda --dtype bfloat16 --yolo --sam
 
 The sequence is LISA's: 35 system tokens, N image tokens, 27 user/answer tokens with [SEG] third
 from the end (T = 62 text tokens, the length the paper's 224-px rows imply). Three Table 6
@@ -13,6 +17,13 @@ of the measured per-layer token counts. Clustering overhead is the time of the S
 (mask source → CLIP grid → quotas → sampling) as a share of the pruned prefill, with a synthetic
 mask source (8 rectangles) and, with --yolo, an untrained YOLO11n-seg from its model YAML (the
 same network and cost as the trained weights: 10.4 GFLOPs at 640 px) on a 480×640 image.
+
+--sam times ``shared.segfirst_sam.SamMaskSource`` with vit_b shapes and random weights (the cost of the
+network does not depend on its weights): standalone (SAM's ViT-B encoder on the 1024-px input, then the
+automatic mask generator's ``--sam-points``² prompts through the prompt encoder and mask decoder) and
+shared-encoder (the same generator on embeddings a host already computed: LISA's ViT-H, so only the
+decoder side is paid), and the encoder alone (what sharing saves). Random weights make SAM's IoU/stability filters drop most masks, so the
+generator's per-mask post-processing (RLE) is lighter than with trained weights; the count kept is printed.
 """
 from __future__ import annotations
 
@@ -53,6 +64,60 @@ def synthetic_masks(height: int = 480, width: int = 640, count: int = 8, seed: i
     return source
 
 
+def mask_source_costs(args: argparse.Namespace, image: np.ndarray, lo: float, hi: float) -> None:
+    """The Seg-First mask sources side by side: one call's wall time (best round) and its share of the
+    cheapest .. dearest pruned prefill measured above."""
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rows = []  # (label, seconds, masks, note)
+    if args.yolo:
+        from shared.segfirst import YoloMaskSource
+
+        yolo = YoloMaskSource.from_yaml("yolo11n-seg.yaml", device=args.device)
+        t = time_best(lambda: yolo(image), 3)
+        rows.append(("YOLO11n-seg (untrained, 640 px)", t, yolo.last_count, "10.4 GFLOPs; AGPL-3.0"))
+    if args.sam:
+        from segment_anything import sam_model_registry
+
+        from shared.segfirst_sam import SamMaskSource, padded_input_size
+
+        torch.manual_seed(0)
+        sam = sam_model_registry["vit_b"](checkpoint=None).eval()
+        probe = SamMaskSource(model=sam, device=args.device)
+        seen = []
+        hook = probe.model.image_encoder.register_forward_hook(lambda _m, a, o: seen.append((a[0], o)))
+
+        def encoder_only():
+            with torch.no_grad():
+                probe.generator.predictor.set_image(image)
+            sync()
+
+        t_enc = time_best(encoder_only, args.sam_rounds)
+        hook.remove()
+        enc_in, emb = seen[-1]
+        size = padded_input_size(enc_in)
+        rows.append(("SAM vit_b image encoder alone", t_enc, None, "1024-px input; what sharing saves"))
+        for points in args.sam_points:
+            alone = SamMaskSource(model=sam, points_per_side=points, device=args.device)
+            shared = SamMaskSource(model=sam, shared_encoder=True, points_per_side=points, device=args.device)
+
+            def decode():
+                shared.set_embeddings(emb, size)
+                return shared(image)
+
+            t_alone = time_best(lambda: alone(image), args.sam_rounds)
+            t_shared = time_best(decode, args.sam_rounds)
+            rows.append((f"SAM vit_b standalone, {points}x{points} points", t_alone, alone.last_count, "Apache-2.0"))
+            rows.append((f"SAM shared encoder, {points}x{points} points", t_shared, shared.last_count,
+                         f"{t_alone / t_shared:.2f}x cheaper than standalone"))
+    print()
+    print(f"Seg-First mask sources on a 480x640 image, {args.device} (share of a pruned prefill: {lo:.3f} s .. {hi:.3f} s)")
+    head = f"  {'source':<40}{'ms':>10}{'masks':>7}{'% of prefill':>16}  note"
+    print(head)
+    for label, t, count, note in rows:
+        share = f"{100 * t / hi:.0f}..{100 * t / lo:.0f}"
+        print(f"  {label:<40}{1e3 * t:>10.1f}{'-' if count is None else count:>7}{share:>16}  {note}")
+
+
 def time_best(fn: Callable[[], object], rounds: int) -> float:
     fn()
     best = float("inf")
@@ -70,7 +135,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--yolo", action="store_true", help="also time an untrained YOLO11n-seg on the CPU")
+    ap.add_argument("--yolo", action="store_true", help="also time an untrained YOLO11n-seg (on --device)")
+    ap.add_argument("--sam", action="store_true",
+                    help="also time SAM automatic masks (vit_b shapes, random weights): standalone and shared-encoder")
+    ap.add_argument("--sam-points", type=int, nargs="+", default=[32],
+                    help="SAM points_per_side, one or more (SamAutomaticMaskGenerator's default: 32)")
+    ap.add_argument("--sam-rounds", type=int, default=2, help="timed rounds of each SAM source (after one warm-up)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -151,14 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         t = time_best(lambda: seg_first_select(image, src, nc, torch.Generator().manual_seed(0), size=size), 5)
         print(f"  synthetic masks (8 instances) -> {size}px grid, Nc={nc}: {1e3 * t:.2f} ms = "
               f"{100 * t / hi:.2f}% .. {100 * t / lo:.2f}%")
-    if args.yolo:
-        from shared.segfirst import YoloMaskSource
-
-        yolo = YoloMaskSource.from_yaml("yolo11n-seg.yaml", device="cpu")
-        t = time_best(lambda: yolo(image), 3)
-        tg = time_best(lambda: seg_first_select(image, yolo, 64, torch.Generator().manual_seed(0)), 3)
-        print(f"  YOLO11n-seg (untrained, same network) call on CPU: {1e3 * t:.1f} ms = "
-              f"{100 * t / hi:.1f}% .. {100 * t / lo:.1f}% of a pruned prefill; whole selection {1e3 * tg:.1f} ms")
+    if args.yolo or args.sam:
+        mask_source_costs(args, image, lo, hi)
     return 0
 
 

@@ -20,7 +20,9 @@
 #   .venvs/yolo            a separate venv for the tests that need torchvision, which PyPI's wheels
 #                          cannot load beside the local torch 2.13 CPU wheel, so this env takes
 #                          torch 2.14.1 + torchvision 0.29.1 (~5.5 GB, from this machine's local wheel
-#                          store): the real (untrained) YOLO11-seg test (ultralytics), and the real
+#                          store): the real (untrained) YOLO11-seg test (ultralytics), the SAM mask
+#                          source tests (segment-anything 1.0 on tiny random SAMs, tests/test_segfirst_sam.py),
+#                          and the real
 #                          LISA tests (tests/hosts/test_lisa_real.py, run with
 #                          PYTHONPATH=.venvs/tf-4.31.0): LISA's vendored SAM imports torchvision, its
 #                          ValDataset opencv, pycocotools and scikit-image (utils/refer.py), its LLaVA
@@ -59,9 +61,10 @@ tf_extra_pins() {
 }
 
 YOLO="$VENVS/yolo"
-# ultralytics brings opencv-python, matplotlib, pillow, pyyaml; the rest after it is for LISA's code
-# (accelerate pinned to the release checked against transformers 4.31's loaders).
-YOLO_PKGS=("torch==2.14.1" "torchvision==0.29.1" "ultralytics==8.4.190" pytest numpy
+# ultralytics brings opencv-python, matplotlib, pillow, pyyaml; segment-anything (Apache-2.0, pure Python,
+# needs torchvision) is the SAM mask source; the rest after it is for LISA's code (accelerate pinned to the
+# release checked against transformers 4.31's loaders).
+YOLO_PKGS=("torch==2.14.1" "torchvision==0.29.1" "ultralytics==8.4.190" "segment-anything==1.0" pytest numpy
            pycocotools scikit-image sentencepiece einops tqdm "accelerate==1.16.0")
 
 FORCE=0
@@ -174,7 +177,7 @@ setup_yolo() {
     run "$PYTHON" -m venv "$YOLO"
     run "$py" -m pip install "${PIP_COMMON[@]}" "${YOLO_PKGS[@]}"
     run "$py" -m pip install "${PIP_COMMON[@]}" --no-build-isolation --no-deps -e "$REPO_ROOT"
-    YOLO_OFFLINE=1 run "$py" -c 'import torchvision, ultralytics, shared, cv2, pycocotools.mask, skimage.io, sentencepiece, einops, tqdm, accelerate; print("yolo ok: ultralytics", ultralytics.__version__)'
+    YOLO_OFFLINE=1 run "$py" -c 'import torchvision, ultralytics, segment_anything, shared, cv2, pycocotools.mask, skimage.io, sentencepiece, einops, tqdm, accelerate; print("yolo ok: ultralytics", ultralytics.__version__)'
     echo "$spec" > "$YOLO/.setup-stamp"
     log "yolo venv ready"
 }

@@ -55,5 +55,7 @@ run_suite "transformers 4.31.0 + .venvs/yolo (torchvision): real patched LISA th
     .venvs/yolo/bin/python -m pytest tests/hosts/test_lisa_real.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
+run_suite ".venvs/yolo (segment-anything): SAM mask source, standalone and shared-encoder, on tiny random SAMs" \
+    env HOST_TESTS_REQUIRED=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst_sam.py -q -p no:cacheprovider "$@"
 echo "all environments: ${passed_total} passed, ${failed_total} failed"
 exit $failed

@@ -11,8 +11,11 @@ exact integer arithmetic and only for the S×S crop. Nearest keeps the masks bin
 Eq. 4 is a pixel count; a bilinear resize would give fractional areas and a threshold-dependent
 boundary, for no gain at patch (14 px) resolution.
 
-The detector is optional: ``YoloMaskSource`` imports ``ultralytics`` (AGPL-3.0) lazily and never
-downloads weights; any callable returning (M, H, W) masks can be wrapped in ``CallableMaskSource``.
+The detectors are optional: ``YoloMaskSource`` imports ``ultralytics`` (AGPL-3.0) lazily and never
+downloads weights; ``shared.segfirst_sam.SamMaskSource`` does the same with ``segment-anything``
+(Apache-2.0), standalone or on a host's own SAM image embeddings; ``mask_source_from_spec`` builds
+either from ``yolo:PATH`` / ``sam:PATH`` / ``sam-shared:PATH``. Any callable returning (M, H, W) masks
+can be wrapped in ``CallableMaskSource``.
 """
 from __future__ import annotations
 
@@ -296,6 +299,45 @@ class YoloMaskSource:
         return out.numpy()
 
 
+# ------------------------------------------------------------------------------- by name
+#: ``KIND:PATH`` forms of ``mask_source_from_spec``: YOLO11-seg weights, a SAM checkpoint run standalone,
+#: a SAM checkpoint whose decoder reads the host's own SAM image embeddings (LISA).
+MASK_SOURCE_KINDS = ("yolo", "sam", "sam-shared")
+
+
+def parse_mask_spec(spec: str) -> tuple:
+    """``"yolo:PATH"`` / ``"sam:PATH"`` / ``"sam-shared:PATH"`` → (kind, path)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"csp_masks: expected KIND:PATH with KIND one of {', '.join(MASK_SOURCE_KINDS)}, got {spec!r}")
+    kind, path = spec.split(":", 1)
+    if kind not in MASK_SOURCE_KINDS or not path:
+        raise ValueError(f"csp_masks: expected KIND:PATH with KIND one of {', '.join(MASK_SOURCE_KINDS)}, got {spec!r}")
+    return kind, path
+
+
+def mask_source_from_spec(spec: str, device: str = "cpu", **params: Any):
+    """The mask source a ``KIND:PATH`` spec names, with its parameters (``YoloMaskSource``: imgsz, conf,
+    iou; ``shared.segfirst_sam.SamMaskSource``: points_per_side, points_per_batch, pred_iou_thresh,
+    stability_score_thresh, box_nms_thresh, min_mask_region_area, model_type)."""
+    import inspect
+
+    kind, path = parse_mask_spec(spec)
+    if kind == "yolo":
+        cls, fixed = YoloMaskSource, {"weights": path}
+    else:
+        from .segfirst_sam import SamMaskSource
+
+        cls, fixed = SamMaskSource, {"checkpoint": path, "shared_encoder": kind == "sam-shared"}
+    allowed = sorted(n for n, p in inspect.signature(cls).parameters.items()
+                     if n not in ("model", "device", "weights", "checkpoint", "shared_encoder")
+                     and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    for name in params:
+        if name not in allowed:
+            raise ValueError(f"mask_args: {name!r} is not a parameter of the {kind} mask source; its parameters: "
+                             f"{', '.join(allowed)}")
+    return cls(device=device, **fixed, **params)
+
+
 # ------------------------------------------------------------------------------------- pipeline
 def seg_first_select(
     image: np.ndarray,
@@ -331,11 +373,14 @@ __all__ = [
     "CallableMaskSource",
     "CropGeometry",
     "GridMasks",
+    "MASK_SOURCE_KINDS",
     "MaskSource",
     "YoloMaskSource",
     "check_image",
     "check_source_output",
     "clip_crop_geometry",
+    "mask_source_from_spec",
     "masks_to_grid",
+    "parse_mask_spec",
     "seg_first_select",
 ]

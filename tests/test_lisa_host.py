@@ -103,3 +103,31 @@ def test_methods_and_the_paper_preset_from_flags():
 
 def test_eval_sh_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "eval" / "LISA" / "eval.sh")], check=True)
+
+
+def test_mask_source_flags(capsys):
+    from shared import evalkit
+
+    drv = _driver()
+    seg = ["--method", "lvlm_csp", "--method-args", "preset=7b-224/8-64-6-16", "clustering=seg_first"]
+    args = drv.parse_args(["--out", "x", *seg, "--csp-masks", "sam-shared:/ckpt/sam_vit_h_4b8939.pth",
+                           "--mask-args", "points_per_side=16", "pred_iou_thresh=0.8"])
+    assert (args.csp_masks, args.mask_kwargs) == ("sam-shared:/ckpt/sam_vit_h_4b8939.pth",
+                                                  {"points_per_side": 16, "pred_iou_thresh": 0.8})
+    assert drv.mask_label(args.csp_masks) == "sam-shared:sam_vit_h_4b8939.pth" and drv.mask_label(None) is None
+    for argv, message in ((["--csp-masks", "detr:x.pt"], "csp_masks: expected KIND:PATH with KIND one of yolo, sam, sam-shared"),
+                          (["--yolo-weights", "y.pt"], "--yolo-weights was replaced by --csp-masks yolo:PATH"),
+                          (["--yolo-device", "cpu"], "--yolo-device was replaced by --mask-device"),
+                          (["--mask-args", "conf=0.3"], "--mask-args: parameters of a mask source, but no --csp-masks")):
+        with pytest.raises(SystemExit):
+            drv.parse_args(["--out", "x", *argv])
+        assert message in capsys.readouterr().err
+    methods = evalkit.methods_from_args(drv.parse_args(["--out", "x", *seg]))
+    with pytest.raises(ValueError, match=r"^csp_masks: Seg-First clustering needs --csp-masks yolo:PATH\|sam:PATH"):
+        drv.host_options(drv.parse_args(["--out", "x", *seg]), methods, "cpu")
+    fastv = drv.parse_args(["--out", "x", "--method", "fastv", "--method-args", "layer=2", "keep=64",
+                            "--csp-masks", "yolo:y.pt"])
+    with pytest.raises(ValueError, match=r"^csp_masks: yolo:y.pt is for Seg-First clustering"):
+        drv.host_options(fastv, evalkit.methods_from_args(fastv), "cpu")
+    with pytest.raises(ValueError, match=r"^weights: no file at 'y.pt'"):  # the spec reaches YoloMaskSource
+        drv.host_options(drv.parse_args(["--out", "x", *seg, "--csp-masks", "yolo:y.pt"]), methods, "cpu")

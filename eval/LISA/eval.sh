@@ -16,6 +16,9 @@
 #   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/csp \
 #       --method lvlm_csp --method-args preset=7b-224/8-64-6-16 clustering=uniform
 #   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/paper --preset paper
+#   eval/LISA/eval.sh --version ckpt/LISA-7B-v1 --dataset-dir dataset --out out/lisa7b/csp-sam \
+#       --method lvlm_csp --method-args preset=7b-224/8-64-6-16 clustering=seg_first \
+#       --csp-masks sam-shared:ckpt/sam_vit_h_4b8939.pth      # or yolo:yolo11n-seg.pt, sam:sam_vit_b_01ec64.pth
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

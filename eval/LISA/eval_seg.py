@@ -20,7 +20,9 @@ progress, ``--on-error skip`` and the accounting come from ``shared.evalkit``.
 
 Per expression (key ``<image id>:<sentence index>``) one JSONL record: LISA's per-class intersection
 and union, the foreground IoU, the visual tokens each decoder layer saw, N_avg, and prefill TFLOPs
-(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T.
+(LVLM_CSP's convention, 2 × Eq. 11) measured and at the paper's fixed text length T. Seg-First runs
+(``--csp-masks yolo:PATH|sam:PATH|sam-shared:PATH``) add the mask source, the measured |S|
+(``selected``) and in ``info`` the instances, quotas, ``fallback_used`` and ``mask_seconds``.
 """
 from __future__ import annotations
 
@@ -123,9 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the paper's protocol (see PRESETS)")
     g.add_argument("--query", default="pre_seg", choices=QUERIES,
                    help="scoring query of FastV/PDrop: the token before [SEG] (last prompt token), [SEG], or </s>")
-    g.add_argument("--yolo-weights", default=None, help="local yolo11n-seg.pt (Seg-First masks; never downloaded)")
-    g.add_argument("--yolo-device", default=None, help="default: the model's device")
+    g.add_argument("--csp-masks", default=None, metavar="KIND:PATH",
+                   help="Seg-First instance masks (clustering=seg_first): yolo:<yolo11n-seg.pt>, sam:<sam_vit_*.pth> "
+                        "(SAM automatic masks, its own image encoder) or sam-shared:<sam_vit_h_4b8939.pth> (SAM's "
+                        "decoder on the embeddings LISA's SAM encoder computes anyway); local files, never downloaded")
+    g.add_argument("--mask-args", nargs="*", default=[], metavar="K=V",
+                   help="mask source parameters: yolo imgsz/conf/iou; sam points_per_side, points_per_batch, "
+                        "pred_iou_thresh, stability_score_thresh, box_nms_thresh, min_mask_region_area, model_type")
+    g.add_argument("--mask-device", default=None, help="device of the mask source (default: the model's device)")
     g.add_argument("--mask-threshold", type=float, default=0.5, help="Seg-First patch coverage threshold")
+    g.add_argument("--yolo-weights", default=None, help=argparse.SUPPRESS)  # replaced by --csp-masks yolo:PATH
+    g.add_argument("--yolo-device", default=None, help=argparse.SUPPRESS)  # replaced by --mask-device
 
     g = p.add_argument_group("output and accounting")
     g.add_argument("--out", required=True, help="run directory (results, summary.json, table.md/.csv)")
@@ -144,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.yolo_weights is not None:
+        parser.error(f"--yolo-weights was replaced by --csp-masks yolo:PATH (here: --csp-masks yolo:{args.yolo_weights})")
+    if args.yolo_device is not None:
+        parser.error("--yolo-device was replaced by --mask-device")
+    args.mask_kwargs = evalkit.parse_kv(args.mask_args, "--mask-args")
+    if args.csp_masks is not None:
+        from shared.segfirst import parse_mask_spec
+
+        try:
+            parse_mask_spec(args.csp_masks)
+        except ValueError as e:
+            parser.error(str(e))
+    elif args.mask_kwargs:
+        parser.error("--mask-args: parameters of a mask source, but no --csp-masks names one")
     args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
     return args
 
@@ -194,6 +218,7 @@ class LisaSplit(evalkit.Benchmark):
         self.name, self.title = dataset_tag(val), dataset_title(val)
         self.val, self.dataset, self.collate = val, dataset, collate
         self.model, self.methods, self.host_options = model, list(methods), host_options
+        self.mask_source: Optional[str] = None  # the --csp-masks spec, recorded per Seg-First sample
         self.device, self.image_dtype, self.limit = device, image_dtype, limit
 
     def jobs(self) -> List[evalkit.Job]:
@@ -243,6 +268,8 @@ class LisaSplit(evalkit.Benchmark):
                 rec["info"] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in info.items()}
                 if host.get("instances") is not None:
                     rec["info"]["instances"] = host["instances"]
+                    rec["info"]["mask_seconds"] = host["mask_seconds"]
+                    rec["mask_source"] = self.mask_source
             records.append(rec)
         return evalkit.JobOutput(records, session.last, seconds)
 
@@ -259,6 +286,8 @@ class LisaSplit(evalkit.Benchmark):
         infos = [r["info"] for r in records if "info" in r]
         if infos:
             out["seg_first_fallbacks"] = sum(1 for i in infos if i.get("fallback_used"))
+            out["instances"] = evalkit.mean_of(infos, "instances")
+            out["mask_seconds"] = evalkit.mean_of(infos, "mask_seconds")
         return out
 
 
@@ -275,13 +304,15 @@ def _clustered(forward: Any) -> List[Optional[int]]:
 
 # -------------------------------------------------------------------------------------- tables
 def table(summaries: Sequence[Dict[str, Any]]):
-    """The LVLM_CSP paper's layout: method, protocol, N_avg, TFLOPs, TFLOPs@T, per dataset mIoU (gIoU) / cIoU."""
+    """The LVLM_CSP paper's layout: method, protocol, N_avg, TFLOPs, TFLOPs@T, per dataset mIoU (gIoU) / cIoU;
+    plus the clustering stage's measured |S| (mean over expressions), the Seg-First mask source and the
+    expressions whose Seg-First selection fell back to uniform (no instance inside the CLIP crop)."""
     titles: Dict[str, str] = {}
     for s in summaries:
         for name, b in s["benchmarks"].items():
             titles.setdefault(name, b["title"])
     t = summaries[0]["settings"]["paper_t"] if summaries else PAPER_TEXT_TOKENS
-    header = ["method", "protocol", "N_avg", "TFLOPs", f"TFLOPs@T={t}", "skipped"]
+    header = ["method", "protocol", "N_avg", "TFLOPs", f"TFLOPs@T={t}", "selected", "masks", "fallbacks", "skipped"]
     for name in titles:
         header += [f"{titles[name]} mIoU", f"{titles[name]} cIoU"]
     rows = []
@@ -289,8 +320,14 @@ def table(summaries: Sequence[Dict[str, Any]]):
         eff = s["efficiency"]
         paper_t = evalkit.mean_of([b["metrics"] for b in s["benchmarks"].values() if b["metrics"]], "tflops_paper_t")
         skipped = sum(b["skipped"] for b in s["benchmarks"].values())
+        done = [b for b in s["benchmarks"].values() if b["metrics"]]
+        sel = [(b["metrics"]["selected"], b["n"]) for b in done if b["metrics"].get("selected") is not None]
+        mean_sel = sum(v * n for v, n in sel) / sum(n for _, n in sel) if sel and sum(n for _, n in sel) else None
+        falls = [b["metrics"]["seg_first_fallbacks"] for b in done if "seg_first_fallbacks" in b["metrics"]]
         row = [s["settings"]["label"], s["settings"]["protocol"], evalkit.fmt(eff["n_avg"], 1),
-               evalkit.fmt(eff["tflops"], 3), evalkit.fmt(paper_t, 3), str(skipped)]
+               evalkit.fmt(eff["tflops"], 3), evalkit.fmt(paper_t, 3), evalkit.fmt(mean_sel, 1),
+               evalkit.fmt(mask_label(s["settings"].get("csp_masks"))), evalkit.fmt(sum(falls) if falls else None),
+               str(skipped)]
         for name in titles:
             m = s["benchmarks"].get(name, {}).get("metrics")
             row += [evalkit.fmt(None if not m else m["gIoU"], 1), evalkit.fmt(None if not m else m["cIoU"], 1)]
@@ -300,6 +337,10 @@ def table(summaries: Sequence[Dict[str, Any]]):
         "N_avg: visual tokens per decoder layer averaged over layers and expressions (the paper prints floor)",
         "TFLOPs: 2 x Eq. 11 per expression at its measured token counts; TFLOPs@T: the same at T text tokens",
         "protocol: the --preset a row ran under ('*': with flags overridden; custom: none)",
+        "selected: |S|, the image tokens the clustering stage kept (measured, mean over expressions; Seg-First's "
+        "quotas do not sum to Nc exactly)",
+        "masks: the Seg-First mask source (--csp-masks); fallbacks: expressions whose image gave no instance "
+        "inside the CLIP crop, so Nc uniform tokens were taken",
     ]
     return header, rows, notes
 
@@ -426,7 +467,7 @@ def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims
         "val_datasets": expand_val_datasets(args.val_dataset), "vision_tower": args.vision_tower,
         "precision": args.precision, "image_size": args.image_size, "model_max_length": args.model_max_length,
         "conv_type": args.conv_type, "limit": args.limit, "seed": args.seed, "query": args.query,
-        "yolo_weights": args.yolo_weights, "mask_threshold": args.mask_threshold,
+        "csp_masks": args.csp_masks, "mask_args": args.mask_kwargs, "mask_threshold": args.mask_threshold,
         "methods": evalkit.method_settings(methods), "label": "LISA" + (
             "" if not methods else " + " + evalkit.method_label(methods)),
         "protocol": args.protocol, "paper_t": args.paper_t, "dims": [dims.hidden, dims.intermediate, dims.layers],
@@ -436,12 +477,25 @@ def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims
 def host_options(args: argparse.Namespace, methods: Sequence[Any], device: Any) -> Dict[str, Any]:
     opts: Dict[str, Any] = {"query": args.query, "mask_threshold": args.mask_threshold}
     if any("instance_masks" in m.needs() for m in methods):
-        if not args.yolo_weights:
-            raise ValueError("yolo_weights: Seg-First clustering needs --yolo-weights <local yolo11n-seg.pt>")
-        from shared.segfirst import YoloMaskSource
+        if not args.csp_masks:
+            raise ValueError("csp_masks: Seg-First clustering needs --csp-masks yolo:PATH|sam:PATH|sam-shared:PATH "
+                             "(local weights)")
+        from shared import segfirst
 
-        opts["mask_source"] = YoloMaskSource(weights=args.yolo_weights, device=args.yolo_device or str(device))
+        opts["mask_source"] = segfirst.mask_source_from_spec(args.csp_masks, device=args.mask_device or str(device),
+                                                             **args.mask_kwargs)
+    elif args.csp_masks:
+        raise ValueError(f"csp_masks: {args.csp_masks} is for Seg-First clustering (--method lvlm_csp --method-args "
+                         f"clustering=seg_first); this run's methods use no instance masks")
     return opts
+
+
+def mask_label(spec: Optional[str]) -> Optional[str]:
+    """Table form of a ``--csp-masks`` spec: ``sam-shared:/ckpt/sam_vit_h_4b8939.pth`` → ``sam-shared:sam_vit_h_4b8939.pth``."""
+    if not spec:
+        return None
+    kind, path = spec.split(":", 1)
+    return f"{kind}:{os.path.basename(path)}"
 
 
 def run(args: argparse.Namespace, model: Any, make_dataset: Any, collate: Any, dims: DecoderDims, device: Any,
@@ -453,6 +507,8 @@ def run(args: argparse.Namespace, model: Any, make_dataset: Any, collate: Any, d
     datasets = {val: make_dataset(val) for val in vals}  # every split loads (and is checked) before any GPU work
     opts = host_options(args, methods, device) if not args.merge_only else {}
     benches = [LisaSplit(v, datasets[v], collate, model, methods, opts, device, image_dtype, args.limit) for v in vals]
+    for b in benches:
+        b.mask_source = args.csp_masks if "mask_source" in opts else None
     conv = CONVENTIONS["lvlm_csp"]
 
     def at_paper_t(e):

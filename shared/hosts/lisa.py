@@ -30,11 +30,14 @@ Options: ``query`` — the scoring query of FastV/PyramidDrop (and of LVLM_CSP w
 ``seg_query="query"``): ``pre_seg`` (default; the token before [SEG], whose hidden state LISA sends to
 SAM), ``seg`` or ``last`` (each row's last valid token, </s>); ``mask_source`` — Seg-First instance
 masks, a callable (H, W, 3) uint8 RGB → (M, H, W) (e.g. ``shared.segfirst.YoloMaskSource``), run on
-the original image of ``image_paths``; ``mask_threshold`` — patch coverage that puts a patch into an
-instance's token set.
+the original image of ``image_paths``; a source with ``wants_image_embeddings`` (``SamMaskSource(...,
+shared_encoder=True)``) gets the embeddings LISA's own SAM image encoder computed for this forward
+(``get_visual_embs`` runs before the LLM) instead of encoding the image again; ``mask_threshold`` — patch
+coverage that puts a patch into an instance's token set.
 """
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -106,6 +109,16 @@ def num_patches(model: nn.Module) -> int:
         return n
     size, patch = tower_geometry(model)
     return (size // patch) ** 2
+
+
+def sam_image_encoder(model: nn.Module) -> nn.Module:
+    """LISA's SAM ViT image encoder (``model.get_model().visual_model.image_encoder``), run by
+    ``get_visual_embs`` on the 1024-px input before the LLM."""
+    inner = model.get_model() if hasattr(model, "get_model") else getattr(model, "model", None)
+    enc = getattr(getattr(inner, "visual_model", None), "image_encoder", None)
+    if not isinstance(enc, nn.Module):
+        raise TypeError(f"model: no SAM image encoder (get_model().visual_model.image_encoder) in {type(model).__name__}")
+    return enc
 
 
 def last_clip_attention(model: nn.Module) -> nn.Module:
@@ -214,6 +227,7 @@ class LisaHost(HostAdapter):
             raise ValueError(f"mask_threshold: expected a coverage fraction in (0, 1], got {t!r}")
         self._reduced: Optional[_Reduced] = None
         self._cls_box: Any = None
+        self._sam_embeds: Optional[List[tuple]] = None
 
     def decoder(self) -> nn.Module:
         return decoder(self.model)
@@ -225,6 +239,30 @@ class LisaHost(HostAdapter):
 
             self._cls_box = stack.enter_context(capture_input(last_clip_attention(self.model)))
         stack.callback(setattr, self, "_reduced", None)
+        src = self.opts["mask_source"]
+        if method is not None and "instance_masks" in method.needs() and getattr(src, "wants_image_embeddings", False):
+            self._share_sam_encoder(src, stack)
+
+    def _share_sam_encoder(self, src: Any, stack: ExitStack) -> None:
+        """Hand LISA's SAM image embeddings to a shared-encoder mask source: ``model_forward`` runs
+        ``get_visual_embs`` (SAM's image encoder, once per image) before the LLM, so a forward hook on the
+        encoder holds this forward's embeddings when ``forward_scope`` asks for masks. A pre-hook on the
+        model clears them at each call, so a failed forward never leaks its embeddings into the next."""
+        from ..segfirst_sam import padded_input_size
+
+        encoder = sam_image_encoder(self.model)
+        src.check_encoder(encoder)
+        self._sam_embeds = []
+
+        def on_encoder(_module, args, output):
+            self._sam_embeds.append((output.detach(), padded_input_size(args[0])))
+
+        def on_model(_module, _args, _kwargs):
+            self._sam_embeds.clear()
+
+        stack.callback(encoder.register_forward_hook(on_encoder).remove)
+        stack.callback(self.model.register_forward_pre_hook(on_model, with_kwargs=True).remove)
+        stack.callback(setattr, self, "_sam_embeds", None)
 
     # ---------------------------------------------------------------- pre-LLM
     def image_tokens(self, session: Any, images_clip: Optional[torch.Tensor]) -> int:
@@ -264,14 +302,26 @@ class LisaHost(HostAdapter):
             )
         size, patch = tower_geometry(self.model)
         image = _load_rgb(paths[0])
-        masks = check_source_output(self.opts["mask_source"](image), image)  # (M, H, W) at the original size
+        src = self.opts["mask_source"]
+        if self._sam_embeds is not None:
+            got, self._sam_embeds[:] = list(self._sam_embeds), []
+            if len(got) != 1:
+                raise ValueError(
+                    f"mask_source: the shared-encoder SAM source needs the embeddings of the one image of this forward, "
+                    f"but LISA's SAM image encoder ran {len(got)} times since the model was called"
+                    + (" (model_forward runs it before the LLM; was the LLM called without it?)" if not got else "")
+                )
+            src.set_embeddings(*got[0])
+        t0 = time.perf_counter()
+        masks = check_source_output(src(image), image)  # (M, H, W) at the original size
+        seconds = time.perf_counter() - t0
         grid = masks_to_grid(masks, size=size, patch=patch, threshold=self.opts["mask_threshold"])
         if grid.num_tokens != n:
             raise ValueError(
                 f"mask_source: the {grid.grid}x{grid.grid} CLIP grid of {size} px / {patch} px patches does not match "
                 f"the {n} image tokens of the sequence"
             )
-        return {"grid_masks": grid}
+        return {"grid_masks": grid, "mask_seconds": seconds}
 
     # ---------------------------------------------------------------- forward
     @contextmanager
@@ -291,8 +341,10 @@ class LisaHost(HostAdapter):
         needs = method.needs() if method is not None else frozenset()
         selects = method is not None and method.uses_selection
         extra: Dict[str, Any] = {}
+        mask_seconds = None
         if "instance_masks" in needs:
             extra = self._seg_first_inputs(method, image_paths, n_img)
+            mask_seconds = extra.pop("mask_seconds")
         seen: Dict[str, Any] = {}
         with ExitStack() as stack:
             reduced = self._reduced if session.pre is not None else None
@@ -338,7 +390,8 @@ class LisaHost(HostAdapter):
                     pre_llm=None if reduced is None else [reduced.record[0]] * b,
                     source_visual=None if reduced is None else torch.full((b,), patches, dtype=torch.long),
                     host_info={"seg_index": layout.seg_index.cpu(), "image_tokens": n_img, "patches": patches,
-                               "instances": None if "grid_masks" not in extra else len(extra["grid_masks"].token_sets)},
+                               "instances": None if "grid_masks" not in extra else len(extra["grid_masks"].token_sets),
+                               "mask_seconds": mask_seconds},
                 )
                 return None
 
@@ -412,6 +465,7 @@ __all__ = [
     "last_clip_attention",
     "num_patches",
     "projector",
+    "sam_image_encoder",
     "seg_offset",
     "seg_positions",
     "tower_geometry",

@@ -32,7 +32,7 @@ import torch
 
 from . import upstream
 
-REQUIRED_MODULES = ("torchvision", "cv2", "pycocotools", "skimage", "sentencepiece", "accelerate")
+REQUIRED_MODULES = ("torchvision", "cv2", "pycocotools", "skimage", "sentencepiece", "accelerate", "segment_anything")
 
 
 def _environment() -> None:
@@ -58,6 +58,7 @@ class Env:
     stock: Any
     workdir: Path
     runs: Dict[str, Any] = field(default_factory=dict)
+    sam: Dict[str, Path] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,71 @@ class Run:
     calls: List[Dict[str, Any]]  # one per image: batch, output, record
     records: List[Dict[str, Any]]  # the JSONL records of all datasets, in order
     detector: Any = None
+    encoder_calls: Optional[Dict[str, int]] = None  # SAM image-encoder forwards: LISA's and segment_anything's
+
+
+def sam_checkpoints(env: Env) -> Dict[str, Path]:
+    """SAM checkpoints (segment_anything's state-dict layout) for the tiny LISA, whose SAM is a tiny
+    ``vit_tiny`` (``tests/sam_tiny.py``, registered by ``_sam_types``):
+
+    shared: LISA's own SAM image encoder + an original-SAM prompt encoder and mask decoder (``tiny_sam``
+    seed 7; not LISA's [SEG]-tuned decoder). nomask: the same, with an IoU head that predicts -1 for every
+    mask (all filtered at pred_iou_thresh 0.5). other: another encoder of the same type. wide: an encoder of
+    another type (24-d, ``vit_tiny24``)."""
+    if env.sam:
+        return env.sam
+    from tests.sam_tiny import tiny_sam
+
+    lisa_encoder = env.loaded.model.get_model().visual_model.image_encoder.state_dict()
+    decoder = {k: v for k, v in tiny_sam(seed=7).state_dict().items() if not k.startswith("image_encoder.")}
+    shared = {**{f"image_encoder.{k}": v.clone() for k, v in lisa_encoder.items()}, **decoder}
+    nomask = dict(shared)
+    head = "mask_decoder.iou_prediction_head.layers.2"
+    nomask[f"{head}.weight"] = torch.zeros_like(shared[f"{head}.weight"])
+    nomask[f"{head}.bias"] = torch.full_like(shared[f"{head}.bias"], -1.0)
+    other = {**{k: v for k, v in tiny_sam(seed=8).state_dict().items() if k.startswith("image_encoder.")}, **decoder}
+    wide = {**{k: v for k, v in tiny_sam(width=24, seed=8).state_dict().items() if k.startswith("image_encoder.")},
+            **decoder}
+    for name, state in (("shared", shared), ("nomask", nomask), ("other", other), ("wide", wide)):
+        env.sam[name] = env.workdir / f"sam_{name}.pth"
+        torch.save(state, env.sam[name])
+    return env.sam
+
+
+SAM_TYPES_USED = (("vit_tiny", 16), ("vit_tiny24", 24))
+
+
+def _sam_types(monkeypatch) -> None:
+    from tests.sam_tiny import tiny_type
+
+    from shared import segfirst_sam
+
+    for name, width in SAM_TYPES_USED:
+        monkeypatch.setitem(segfirst_sam.SAM_TYPES, name, tiny_type(name, width))
+
+
+def _count_encoders(monkeypatch) -> Dict[str, int]:
+    """Count every forward of LISA's vendored SAM ``ImageEncoderViT`` and of ``segment_anything``'s."""
+    import model.segment_anything.modeling.image_encoder as lisa_enc
+    import segment_anything.modeling.image_encoder as sa_enc
+
+    assert lisa_enc.ImageEncoderViT is not sa_enc.ImageEncoderViT
+    counts = {"lisa": 0, "segment_anything": 0}
+    for key, cls in (("lisa", lisa_enc.ImageEncoderViT), ("segment_anything", sa_enc.ImageEncoderViT)):
+        def counted(self, x, _orig=cls.forward, _key=key):
+            counts[_key] += 1
+            return _orig(self, x)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    return counts
+
+
+def _fill(flag: str, env: Env) -> str:
+    """``sam-shared:<shared>`` → the path of ``sam_checkpoints(env)['shared']``."""
+    if "<" not in flag:
+        return flag
+    head, name = flag.split("<", 1)
+    return head + str(sam_checkpoints(env)[name.rstrip(">")])
 
 
 class HalvesDetector:
@@ -107,13 +173,17 @@ def run_driver(env: Env, name: str, flags: Tuple[str, ...], monkeypatch=None) ->
     if name in env.runs:
         return env.runs[name]
     lb, drv, loaded = env.lb, env.drv, env.loaded
+    flags = tuple(_fill(f, env) for f in flags)
     args = lb.driver_args(drv, env.ckpt, env.workdir / f"run-{name}", *flags)
-    detector = None
-    if any("seg_first" in f for f in flags):
+    detector = counts = None
+    if any(f.startswith("yolo:") for f in flags):
         import shared.segfirst
 
         detector = HalvesDetector()
-        monkeypatch.setattr(shared.segfirst, "YoloMaskSource", lambda **kw: detector)
+        monkeypatch.setattr(shared.segfirst, "YoloMaskSource", lambda weights, device, **kw: detector)
+    if any(f.startswith(("sam:", "sam-shared:")) for f in flags):
+        _sam_types(monkeypatch)
+        counts = _count_encoders(monkeypatch)
     log = lb.ForwardLog(loaded.model)
     try:
         with lb.cpu_cuda_calls():
@@ -125,7 +195,7 @@ def run_driver(env: Env, name: str, flags: Tuple[str, ...], monkeypatch=None) ->
     for val in args.val_dataset:
         path = Path(args.out) / f"{drv.dataset_tag(val)}.jsonl"
         records += [json.loads(x) for x in path.read_text().splitlines()]
-    env.runs[name] = Run(summary, log.calls, records, detector)
+    env.runs[name] = Run(summary, log.calls, records, detector, None if counts is None else dict(counts))
     return env.runs[name]
 
 
@@ -202,6 +272,9 @@ def csp(mode, *extra):
 
 
 CSP_SCHEDULE = lambda n: [64, 64, n, n, 16, 16]  # noqa: E731  (Lc=2 at Nc, Ls=2 at N, then Np)
+#: SAM automatic masks on the tiny random SAM: a 3 x 3 point grid, no quality filters, no NMS (27 masks)
+SAM_GEN = dict(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+SAM_ARGS = ("--mask-args",) + tuple(f"{k}={v}" for k, v in SAM_GEN.items())
 
 
 def _fastv():
@@ -236,8 +309,12 @@ CASES: Dict[str, Case] = {
                                      selection="grid"),
     "csp-random": Case(csp("random", "seed=3"), _csp("random", seed=3), schedule=CSP_SCHEDULE, selection="random"),
     "csp-cls": Case(csp("cls"), _csp("cls"), schedule=CSP_SCHEDULE, selection="cls"),
-    "csp-seg_first": Case(csp("seg_first") + ("--yolo-weights", "unused-yolo11n-seg.pt"),
+    "csp-seg_first": Case(csp("seg_first") + ("--csp-masks", "yolo:unused-yolo11n-seg.pt"),
                           _csp("seg_first"), schedule=CSP_SCHEDULE, selection="seg_first"),
+    "csp-seg_first-sam-shared": Case(csp("seg_first") + ("--csp-masks", "sam-shared:<shared>") + SAM_ARGS,
+                                     _csp("seg_first"), schedule=CSP_SCHEDULE, selection="seg_first_sam"),
+    "csp-seg_first-sam": Case(csp("seg_first") + ("--csp-masks", "sam:<shared>") + SAM_ARGS,
+                              _csp("seg_first"), schedule=CSP_SCHEDULE, selection="seg_first_sam"),
     "fastv": Case(("--method", "fastv", "--method-args", "layer=2", "keep=64"), _fastv,
                   schedule=lambda n: [n, n, 64, 64, 64, 64]),
     "fastv-last": Case(("--method", "fastv", "--method-args", "layer=2", "keep=64", "--query", "last"), _fastv,
@@ -294,7 +371,7 @@ def reference(env: Env, case: Case, batch, drawn: Optional[List[torch.Tensor]] =
         query = {"pre_seg": seg_t - 1, "seg": seg_t, "last": torch.tensor(valid) + N - 2}[case.query]
         if case.selection is None:
             selection = None
-        elif case.selection == "seg_first":
+        elif case.selection.startswith("seg_first"):
             selection = list(drawn)
         else:
             selection = [expected_selection(env, case, batch)] * len(starts)
@@ -325,6 +402,8 @@ def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeyp
         batch, out, record, selection = call["batch"], call["output"], call["record"], call["selection"]
         if case.selection == "seg_first":
             _check_seg_first(run, i, record, selection, batch)
+        if case.selection == "seg_first_sam":
+            _check_sam_masks(env, record, selection, batch)
         ref_pred, ref_stats, n, sel = reference(env, case, batch, drawn=selection)
         pred = out["pred_masks"][0]
         assert pred.shape == ref_pred.shape
@@ -336,9 +415,10 @@ def test_method_through_the_driver_equals_the_stock_reference(env, name, monkeyp
         _, _, valid = env.lb.positions(batch, env.loaded.seg_token_idx, n)
         for r in range(len(valid)):
             rec = next(rec_iter)
-            assert rec["visual_per_layer"] == case.schedule(n)
+            size = 64 if case.selection != "seg_first_sam" else len(selection[r])  # SAM's |S|: measured
+            assert rec["visual_per_layer"] == ([size] * 2 + case.schedule(n)[2:] if case.selection else case.schedule(n))
             assert rec["image_tokens"] == n and rec["text_tokens"] == valid[r] - 1
-            assert rec["selected"] == (64 if case.selection else None)
+            assert rec["selected"] == (size if case.selection else None)
             inter, union = _iou_counts(pred[r], out["gt_masks"][0][r])
             assert (rec["intersection"], rec["union"]) == (inter, union)
     if case.reducer is not None:  # the reducer really shortened the sequence
@@ -366,6 +446,110 @@ def _check_seg_first(run: Run, i: int, record, selection, batch) -> None:
     for s in selection:
         assert int((s < 128).sum()) == 32 and int((s >= 128).sum()) == 32  # top half = grid rows 0-7
     assert all(torch.equal(s, selection[0]) for s in selection)
+
+
+def _sam_reference(env: Env, path: str, name: str = "shared") -> np.ndarray:
+    """segment_anything's own SamAutomaticMaskGenerator, standalone on the checkpoint's SAM (tiny_sam with
+    its weights), on the image as LISA reads it (cv2, BGR -> RGB)."""
+    import cv2
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from tests.sam_tiny import tiny_sam
+
+    sam = tiny_sam()
+    sam.load_state_dict(torch.load(sam_checkpoints(env)[name]), strict=True)
+    img = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+    anns = SamAutomaticMaskGenerator(sam, **SAM_GEN).generate(img)
+    return np.stack([a["segmentation"] for a in anns]) if anns else np.zeros((0,) + img.shape[:2], bool)
+
+
+def _check_sam_masks(env: Env, record, selection, batch) -> None:
+    """Seg-First got the official generator's masks: instance count, Eq. 5 quotas worked out here from
+    the mask areas in the CLIP crop (quota = max(1, floor(64 * area / sum of areas)), 0 outside), and every
+    drawn token inside some mask's token set."""
+    from shared.segfirst import masks_to_grid
+
+    masks = _sam_reference(env, batch["image_paths"][0])
+    grid = masks_to_grid(masks)
+    areas = grid.areas.tolist()
+    total = sum(areas)
+    want = [max(1, (64 * a) // total) if a > 0 else 0 for a in areas]
+    info = record.info[0]
+    assert masks.shape[0] == 27 and record.host["instances"] == 27 and not info["fallback_used"]
+    assert list(info["quotas"].tolist()) == want
+    union = set(int(t) for ts in grid.token_sets for t in ts.tolist())
+    for s in selection:
+        assert set(s.tolist()) <= union and int(s.numel()) == info["count"] and torch.equal(s, selection[0])
+
+
+def test_sam_shared_encoder_equals_standalone_and_adds_no_encoder_call(env, monkeypatch):
+    """sam-shared (SAM's decoder on the embeddings LISA's encoder made) and sam (segment_anything's own
+    encoder on the image) give the same masks, selections and LISA outputs; the shared run encodes each
+    image once (LISA's encoder), the standalone one twice (LISA's + its own)."""
+    shared = run_driver(env, "csp-seg_first-sam-shared", CASES["csp-seg_first-sam-shared"].flags, monkeypatch)
+    alone = run_driver(env, "csp-seg_first-sam", CASES["csp-seg_first-sam"].flags, monkeypatch)
+    images = len(shared.calls)
+    assert images == 3
+    assert shared.encoder_calls == {"lisa": images, "segment_anything": 0}
+    assert alone.encoder_calls == {"lisa": images, "segment_anything": images}
+    drop = ("seconds", "mask_source")
+    strip = lambda r: {k: ({a: b for a, b in v.items() if a != "mask_seconds"} if k == "info" else v)  # noqa: E731
+                       for k, v in r.items() if k not in drop}
+    assert [strip(r) for r in shared.records] == [strip(r) for r in alone.records]
+    for a, b in zip(shared.calls, alone.calls):
+        assert int((a["output"]["pred_masks"][0] != b["output"]["pred_masks"][0]).sum()) == 0
+
+
+def test_sam_records_and_table(env, monkeypatch):
+    run = run_driver(env, "csp-seg_first-sam-shared", CASES["csp-seg_first-sam-shared"].flags, monkeypatch)
+    path = str(sam_checkpoints(env)["shared"])
+    sizes = []
+    for rec in run.records:
+        assert rec["mask_source"] == f"sam-shared:{path}"
+        assert rec["info"]["instances"] == 27 and rec["info"]["mask_seconds"] > 0 and not rec["info"]["fallback_used"]
+        assert rec["selected"] == rec["info"]["count"]
+        sizes.append(rec["selected"])
+    assert run.summary["settings"]["csp_masks"] == f"sam-shared:{path}"
+    assert run.summary["settings"]["mask_args"] == SAM_GEN
+    m = run.summary["benchmarks"]["refcoco_unc_val"]["metrics"]
+    assert m["seg_first_fallbacks"] == 0 and m["selected"] == pytest.approx(sum(sizes[:4]) / 4)
+    header, rows, _ = env.drv.table([run.summary])
+    row = dict(zip(header, rows[0]))
+    assert row["masks"] == "sam-shared:sam_shared.pth" and row["fallbacks"] == "0"
+    assert row["selected"] == f"{sum(sizes) / len(sizes):.1f}"
+    assert "| sam-shared:sam_shared.pth |" in (env.workdir / "run-csp-seg_first-sam-shared" / "table.md").read_text()
+
+
+def test_sam_without_masks_falls_back_per_sample(env, monkeypatch):
+    """A decoder whose every mask fails pred_iou_thresh: each expression records the uniform fallback
+    (Eq. 2 literal, i * 4) and the table counts them."""
+    flags = csp("seg_first") + ("--csp-masks", "sam-shared:<nomask>", "--mask-args", "points_per_side=3",
+                                "pred_iou_thresh=0.5")
+    run = run_driver(env, "csp-seg_first-sam-nomask", flags, monkeypatch)
+    for call in run.calls:
+        assert [s.tolist() for s in call["selection"]] == [(torch.arange(64) * 4).tolist()] * len(call["selection"])
+        assert call["record"].host["instances"] == 0
+    assert all(r["info"]["fallback_used"] and r["info"]["instances"] == 0 and r["selected"] == 64 for r in run.records)
+    header, rows, _ = env.drv.table([run.summary])
+    assert dict(zip(header, rows[0]))["fallbacks"] == str(len(run.records)) == "5"
+
+
+def test_sam_shared_refuses_another_encoder_and_another_image(env, monkeypatch):
+    _sam_types(monkeypatch)
+    ck = sam_checkpoints(env)
+    seg = csp("seg_first") + SAM_ARGS
+    with pytest.raises(ValueError, match=r"^checkpoint: its image encoder is not the host's"):
+        _drive(env, env.workdir / "sam-other", *seg, "--csp-masks", f"sam-shared:{ck['other']}")
+    with pytest.raises(ValueError, match=r"^checkpoint: a vit_tiny24 SAM \(24-d, 2 blocks\), but the host's image "
+                                         r"encoder is vit_tiny \(16-d, 2 blocks\)"):
+        _drive(env, env.workdir / "sam-wide", *seg, "--csp-masks", f"sam-shared:{ck['wide']}")
+    import shared.hosts.lisa as host
+
+    real = host._load_rgb
+    monkeypatch.setattr(host, "_load_rgb", lambda p: np.ascontiguousarray(real(p).transpose(1, 0, 2)))
+    with pytest.raises(ValueError, match=r"^image: the original image is \d+x\d+ \(SAM input \d+x\d+\), but the "
+                                         r"embeddings were computed from a"):
+        _drive(env, env.workdir / "sam-transposed", *seg, "--csp-masks", f"sam-shared:{ck['shared']}")
 
 
 def test_lisa_tail_transcription_equals_the_stock_forward(env):
