@@ -272,7 +272,11 @@ class DecoderAdapter:
         cache: Any,
         use_cache: bool,
         position_embeddings: Any,
+        output_attentions: bool = False,
     ) -> torch.Tensor:
+        """Run decoder layer ``idx``; returns its output hidden states. ``output_attentions``: ask layers
+        of the 4.x generations to compute their attention weights (read them with a hook on
+        ``self_attn``; 5.x eager attention always returns them)."""
         layer = self.layers[idx]
         kwargs: dict = {"attention_mask": mask, "position_ids": position_ids, "use_cache": use_cache}
         if isinstance(cache, list):
@@ -285,7 +289,7 @@ class DecoderAdapter:
             start = self.cache_length(cache, idx) if cache is not None else 0
             kwargs["cache_position"] = torch.arange(start, start + hidden.shape[1], device=hidden.device)
         if self.pass_output_attentions:
-            kwargs["output_attentions"] = False
+            kwargs["output_attentions"] = bool(output_attentions)
         out = layer(hidden, **kwargs)
         if isinstance(out, tuple):
             if use_cache and isinstance(cache, list):
