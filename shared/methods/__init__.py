@@ -1,9 +1,11 @@
 """Pruning methods and baselines, one module each, all registered by name.
 
 In the LLM (engine plans): FastV, PyramidDrop, LVLM_CSP. Before the LLM (vision-side reducers and
-selectors): PruMerge, PruMerge+, VisionZip, SeGPruner.
+selectors): PruMerge, PruMerge+, VisionZip, SeGPruner. Fast3D's compat mode (``Fast3DCompat``, ``compat``)
+brings its own key-masking runner and is a mode of Fast3D, not a registered method.
 """
 from .base import LayerMethod, available_methods, get_method, register
+from .fast3d_compat import Fast3DCompat, compat
 from .fastv import FastV
 from .lvlm_csp import LVLMCSP
 from .prumerge import PruMerge, PruMergePlus
@@ -12,6 +14,7 @@ from .segpruner import SeGPruner
 from .visionzip import VisionZip
 
 __all__ = [
+    "Fast3DCompat",
     "FastV",
     "LVLMCSP",
     "LayerMethod",
@@ -21,6 +24,7 @@ __all__ = [
     "SeGPruner",
     "VisionZip",
     "available_methods",
+    "compat",
     "get_method",
     "register",
 ]
