@@ -47,8 +47,9 @@ def _check_scores(name: str, scores: Any, n: Optional[int] = None) -> torch.Tens
 
 
 def _looks_like_attention(scores: torch.Tensor) -> bool:
-    """Non-negative rows summing to at most 1: an attention map, not logits."""
-    return bool((scores >= 0).all()) and bool((scores.sum(-1) <= 1.0 + 1e-6).all())
+    """Non-negative rows with a positive sum of at most 1: an attention map, not logits."""
+    total = scores.sum(-1)
+    return bool((scores >= 0).all()) and bool(((total > 0) & (total <= 1.0 + 1e-6)).all())
 
 
 def sap_object_counts(logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def sap_object_counts(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     logits: (..., n) float GAP logits over the n objects; alpha in (0, 1].
     Returns (...,) long: the smallest k such that the k largest softmax(logits) values sum to >= alpha
     (n when rounding keeps the full sum below alpha). The sum is accumulated in float64.
-    Refuses inputs that look like attention maps (non-negative, summing to <= 1): their softmax is
+    Refuses inputs that look like attention maps (non-negative, summing to a positive mass <= 1): their softmax is
     nearly uniform and gives a meaningless budget (use logits, or a fixed ``keep``).
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
