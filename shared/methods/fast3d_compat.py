@@ -36,10 +36,10 @@ are separate configs on the token engine; ``compat(method)`` turns one into this
 """
 from __future__ import annotations
 
-import hashlib
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from ..engine.cache import attach_state, attached_state
 from ..engine.request import build_request, check_group_copies, expand_pending, expansion_factor
 from ..engine.runner import PrefillStats
 from .base import as_fraction, as_int
+from .random_drop import keyed_generator
 
 RULES = ("fastv", "oracle", "random")
 #: Fast3D's ``LlamaAttention.forward`` calls ``rotary_emb(value_states, seq_len=1000)``
@@ -75,7 +76,9 @@ class Fast3DCompat:
     keep: R, visual tokens left visible (Fast3D: 15 / 60 / 90 of 300); None only with ``alpha``.
     group: tokens per object slot (Chat-Scene: 3, interleaved id/3D/2D), oracle rule only.
     alpha: SAP threshold (oracle rule): R = group * k* per sample, overriding ``keep``.
-    seed: seed of the random rule's per-sample generators.
+    seed: seed of the random rule's per-sample generators (sha256(seed, sample key), as ``RandomDrop``).
+    scorer: oracle rule, a callable returning (n,) GAP logits from the host's ``gap_inputs`` when the host
+    gives no ``object_scores`` (as ``Fast3D.scorer``).
     """
 
     rule: str = "fastv"
@@ -84,6 +87,7 @@ class Fast3DCompat:
     group: int = 3
     seed: int = 0
     alpha: Optional[float] = None
+    scorer: Optional[Callable[..., torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     name: ClassVar[str] = "fast3d_compat"
     stage: ClassVar[str] = "llm"
@@ -112,6 +116,8 @@ class Fast3DCompat:
             self.keep = as_int("keep", self.keep, low=1, meaning="a positive number of visual tokens R")
         self.group = as_int("group", self.group, low=1, meaning="tokens per object slot")
         self.seed = as_int("seed", self.seed, meaning="an int seed")
+        if self.scorer is not None and (self.rule != "oracle" or not callable(self.scorer)):
+            raise ValueError("scorer: a callable returning per-object logits, for rule='oracle' only")
 
     # ------------------------------------------------------------- session API
     @property
@@ -149,28 +155,41 @@ class Fast3DCompat:
         object_scores: Any = None,
         slot_to_object: Any = None,
         group: Optional[int] = None,
+        gap_inputs: Optional[Dict[str, Any]] = None,
         **_: Any,
-    ) -> Tuple[torch.Tensor, dict]:
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The oracle rule's static selection, as Fast3D's evaluate + oracle branch compute it.
 
-        object_scores: (n_obj,) one score per object slot (GAP logits or an extracted map).
-        slot_to_object: (n_obj,) object id of each slot; must be the identity (Fast3D's eval ids).
-        group: tokens per slot as the host lays them out (default: the config's).
+        object_scores: (n_obj,) one score per object slot (GAP logits or an extracted map); None: run
+        ``scorer(**gap_inputs)``. slot_to_object: (n_obj,) object id of each slot; must be the identity
+        (Fast3D's eval ids). group: tokens per slot as the host lays them out (default: the config's).
         Returns ((R,) sorted indices into the sample's visual tokens, info). The ranking is
         ``scores.unsqueeze(-1).repeat(1, g).reshape(-1).topk(R)`` on the scores' own device and dtype,
-        so ties (the g tokens of a slot always tie) resolve as ``torch.topk`` does there.
+        so ties (the g tokens of a slot always tie) resolve as ``torch.topk`` does there; R need not be
+        a multiple of g (Fast3D does not require it).
         """
         if self.rule != "oracle":
             raise ValueError(f"rule: only rule='oracle' takes a host selection, this config has rule={self.rule!r}")
+        info: Dict[str, Any] = {}
         if object_scores is None:
-            raise ValueError("object_scores: the oracle rule needs one score per object slot (GAP logits or a map)")
-        scores = torch.as_tensor(object_scores)
+            if self.scorer is None:
+                raise ValueError(
+                    "object_scores: the oracle rule needs one score per object slot (GAP logits or a map): the host "
+                    "option object_scores=, or Fast3DCompat(scorer=...) to run GAP online"
+                )
+            if gap_inputs is None:
+                raise ValueError("gap_inputs: the host gave no GAP inputs for the online scorer")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                object_scores = self.scorer(**gap_inputs)
+            info["gap_seconds"] = time.perf_counter() - t0
+        scores = torch.as_tensor(object_scores).detach()
         if scores.dim() != 1 or not scores.is_floating_point() or scores.numel() == 0:
             raise ValueError(f"object_scores: expected a non-empty 1-D float tensor, got {scores.dtype} {tuple(scores.shape)}")
-        if bool(torch.isnan(scores).any()):
-            raise ValueError("object_scores: contains NaN")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("object_scores: scores must be finite, got NaN or inf")
         g = self.group if group is None else as_int("group", group, low=1, meaning="tokens per object slot")
-        if group is not None and g != self.group:
+        if g != self.group:
             raise ValueError(f"group: the host lays out {g} tokens per object, the config says group={self.group}")
         if slot_to_object is not None:
             ids = torch.as_tensor(slot_to_object).reshape(-1).long().cpu()
@@ -185,8 +204,15 @@ class Fast3DCompat:
                 f"object_scores: {scores.numel()} slots x group {g} = {scores.numel() * g} tokens, but the sample "
                 f"has {visual_tokens} visual tokens"
             )
-        info: dict = {}
         if self.alpha is not None:
+            from .fast3d import _looks_like_attention
+
+            if _looks_like_attention(scores):
+                raise ValueError(
+                    "object_scores: SAP needs GAP logits, but these scores are non-negative and sum to <= 1 (an "
+                    "attention map, e.g. extracted a_map targets); Fast3D's softmax over them is nearly uniform and "
+                    "keeps almost every object. Pass GAP logits, or use a fixed keep"
+                )
             k_star = sap_budget_objects(scores.softmax(-1), self.alpha)
             r = k_star * g
             info.update(alpha=self.alpha, objects=k_star)
@@ -201,34 +227,34 @@ class Fast3DCompat:
 
 
 def compat(method: Any) -> Fast3DCompat:
-    """The compat-mode config of a canonical one.
-
-    ``FastV(layer=K, keep=R)`` -> ``rule="fastv"``. A canonical Fast3D GAP config (any object with
-    ``layer``, a callable ``host_selection`` and ``keep``/``budget`` and/or ``alpha``; ``group`` read if
-    present) -> ``rule="oracle"``. A ``Fast3DCompat`` is returned unchanged.
-    """
+    """The compat-mode config of a canonical one: ``FastV(layer=K, keep=R)`` -> ``rule="fastv"``;
+    ``Fast3D(layer=K, keep=R | alpha=a, scorer=...)`` (GAP, GAP+SAP) -> ``rule="oracle"``;
+    ``RandomDrop(layer=K, keep=R, seed=s)`` -> ``rule="random"``. A ``Fast3DCompat`` is returned unchanged.
+    Relative budgets (``keep_ratio``) are refused: Fast3D keeps an absolute R."""
+    from .fast3d import Fast3D
     from .fastv import FastV
+    from .random_drop import RandomDrop
 
     if isinstance(method, Fast3DCompat):
         return method
+    if isinstance(method, (FastV, RandomDrop)) and method.keep is None:
+        raise ValueError(
+            f"keep_ratio: Fast3D keeps an absolute R of the visual tokens; give {type(method).__name__}(keep=R) "
+            f"(got keep_ratio={method.keep_ratio})"
+        )
     if isinstance(method, FastV):
-        if method.keep is None:
-            raise ValueError(
-                f"keep_ratio: Fast3D's FastV keeps an absolute R of the visual tokens; give FastV(keep=R) "
-                f"(got keep_ratio={method.keep_ratio})"
-            )
         return Fast3DCompat(rule="fastv", layer=method.layer, keep=method.keep)
-    if hasattr(method, "layer") and callable(getattr(method, "host_selection", None)):
-        keep = getattr(method, "keep", None)
-        if keep is None:
-            keep = getattr(method, "budget", None)
-        alpha = getattr(method, "alpha", None) or None  # Fast3D: alpha 0 means a fixed R
-        if keep is None and alpha is None:
-            raise ValueError(f"method: {type(method).__name__} has neither keep/budget nor alpha to convert")
-        return Fast3DCompat(rule="oracle", layer=method.layer, keep=keep if alpha is None else None,
-                            alpha=alpha, group=getattr(method, "group", 3))
+    if isinstance(method, RandomDrop):
+        if method.group != 1:
+            raise ValueError(
+                f"group: Fast3D's random pruning (FastV with K = 0) draws single tokens, not groups of {method.group}"
+            )
+        return Fast3DCompat(rule="random", layer=method.layer, keep=method.keep, seed=method.seed)
+    if isinstance(method, Fast3D):
+        return Fast3DCompat(rule="oracle", layer=method.layer, keep=method.keep, alpha=method.alpha,
+                            scorer=method.scorer)
     raise TypeError(
-        f"method: no Fast3D compat mode for {type(method).__name__}; expected FastV, a Fast3D config or Fast3DCompat"
+        f"method: no Fast3D compat mode for {type(method).__name__}; expected FastV, Fast3D, RandomDrop or Fast3DCompat"
     )
 
 
@@ -528,8 +554,7 @@ class KeyMaskRunner:
             if keep > n:
                 raise ValueError(f"keep: R={keep} exceeds the sample's {n} visual tokens")
             if method.rule == "random":
-                digest = hashlib.sha256(f"{method.seed}\x00{request.sample_key(0)}".encode()).digest()
-                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+                generator = keyed_generator(method.seed, request.sample_key(0))
         self.last_request = request
         self.history = []
         layers = self.adapter.num_layers

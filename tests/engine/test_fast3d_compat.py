@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from shared import FastV, pruning
+from shared import Fast3D, FastV, RandomDrop, pruning
 from shared.engine.adapters import patched_forward
 from shared.methods.fast3d_compat import Fast3DCompat, KeyMaskRunner, compat, sap_budget_objects
 
@@ -56,8 +56,8 @@ def _prepare(runner, method):
 
 
 def _run_compat(model, method, emb, generate=False):
-    runner = method.make_runner(model.model)
-    with torch.no_grad(), patched_forward(model.model, runner.forward):
+    with torch.no_grad(), pruning(model.model, method) as runner:
+        assert isinstance(runner, KeyMaskRunner)
         _prepare(runner, method)
         if generate:
             with runner.generation():
@@ -194,25 +194,36 @@ def test_host_selection_repeats_object_scores_per_slot_and_sap_budget():
         m.host_selection(15, object_scores=torch.ones(4))
     with pytest.raises(ValueError, match="^group: the host lays out 2"):
         m.host_selection(8, object_scores=torch.ones(4), group=2)
+    with pytest.raises(ValueError, match="^object_scores: scores must be finite"):
+        m.host_selection(12, object_scores=torch.tensor([0.1, float("nan"), 0.2, 0.3]))
     with pytest.raises(ValueError, match="^keep: R=6 exceeds"):
         Fast3DCompat(rule="oracle", keep=6).host_selection(3, object_scores=torch.ones(1))
 
 
+def test_host_selection_runs_the_online_scorer_and_refuses_attention_maps_for_sap():
+    calls = []
+    m = Fast3DCompat(rule="oracle", layer=0, keep=3, scorer=lambda **kw: calls.append(kw) or torch.tensor([0., 2., 1.]))
+    sel, info = m.host_selection(9, group=3, slot_to_object=None, object_scores=None, gap_inputs={"prompt": "p"},
+                                 key="k")
+    assert sel.tolist() == [3, 4, 5] and calls == [{"prompt": "p"}] and "gap_seconds" in info
+    with pytest.raises(ValueError, match="^object_scores: the oracle rule needs one score per object slot"):
+        Fast3DCompat(rule="oracle", keep=3).host_selection(9)
+    with pytest.raises(ValueError, match="^object_scores: SAP needs GAP logits"):
+        Fast3DCompat(rule="oracle", layer=0, alpha=0.21).host_selection(9, object_scores=torch.tensor([.01, .02, .005]))
+
+
 def test_compat_converts_canonical_configs():
     assert compat(FastV(layer=2, keep=15)) == Fast3DCompat(rule="fastv", layer=2, keep=15)
-    with pytest.raises(ValueError, match="^keep_ratio: Fast3D's FastV keeps an absolute R"):
+    assert compat(Fast3D(layer=6, keep=60)) == Fast3DCompat(rule="oracle", layer=6, keep=60)
+    scorer = lambda **kw: torch.zeros(100)  # noqa: E731
+    sap = compat(Fast3D(layer=0, alpha=0.21, scorer=scorer))
+    assert sap == Fast3DCompat(rule="oracle", layer=0, alpha=0.21) and sap.scorer is scorer
+    assert compat(RandomDrop(layer=0, keep=30, seed=4)) == Fast3DCompat(rule="random", layer=0, keep=30, seed=4)
+    assert compat(sap) is sap
+    with pytest.raises(ValueError, match="^keep_ratio: Fast3D keeps an absolute R"):
         compat(FastV(layer=2, keep_ratio=0.5))
-
-    class _Gap:  # the canonical Fast3D config's attributes
-        def __init__(self, layer, keep=None, alpha=None):
-            self.layer, self.keep, self.alpha, self.group = layer, keep, alpha, 3
-
-        def host_selection(self, visual_tokens, **inputs):
-            raise AssertionError("compat ranks with its own topk")
-
-    assert compat(_Gap(6, keep=60)) == Fast3DCompat(rule="oracle", layer=6, keep=60)
-    assert compat(_Gap(0, alpha=0.21)) == Fast3DCompat(rule="oracle", layer=0, alpha=0.21)
-    assert compat(_Gap(2, keep=15, alpha=0.0)) == Fast3DCompat(rule="oracle", layer=2, keep=15)
+    with pytest.raises(ValueError, match="^group: Fast3D's random pruning .* draws single tokens"):
+        compat(RandomDrop(layer=0, keep=30, group=3))
     with pytest.raises(TypeError, match="^method: no Fast3D compat mode for int"):
         compat(3)
 
@@ -297,3 +308,46 @@ def test_session_brings_its_own_runner_and_records_full_compute():
     with pytest.raises(ValueError, match=r"^method: fast3d_compat needs 'object_groups'"):
         with prune(model, Fast3DCompat(rule="oracle", layer=2, keep=6)):
             pass
+
+
+class Chat3D(torch.nn.Module):
+    """The two things the ``chat_scene`` host reads from Chat-Scene's model: its name and ``llama_model``."""
+
+    def __init__(self, llama_model):
+        super().__init__()
+        self.llama_model = llama_model
+
+
+def _chat_scene_generate(model, method, emb, assigned_ids):
+    """Chat3D.evaluate for one sample, as the patch series runs it: P2 publishes the objects, generate
+    runs, and P1 routes the vendored LlamaModel.forward to the session."""
+    from shared import prune
+    from shared.hosts.chat_scene import llama_forward, publish_objects
+
+    chat = Chat3D(model)
+    decoder = model.model
+    stock = decoder.forward
+    batch = {"scene_id": ["scene0011_00"], "obj_ids": [0], "qid": [7]}
+    with torch.no_grad(), patched_forward(decoder, lambda *a, **k: llama_forward(decoder, stock, *a, **k)), \
+            prune(chat, method, object_scores={"scene0011_00|0|7": SCORES}) as session:
+        publish_objects(chat, 0, emb, SYS, IMG, assigned_ids, torch.zeros(8, 4), None, torch.zeros(8, 6), "q", batch)
+        out = model.generate(inputs_embeds=emb, **GEN)
+    return out, session
+
+
+def test_oracle_through_the_chat_scene_host_equals_the_released_forward():
+    """Object scores reach the runner as the host hands them (selection_inputs -> host_selection ->
+    visual_selection); compat records full compute where canonical Fast3D records the drop."""
+    model = _model()
+    emb = _prompt(model)
+    ref = _released(model, "oracle", 6, 2)
+    want = _run_released(model, ref, emb, generate=True)
+    got, session = _chat_scene_generate(model, Fast3DCompat(rule="oracle", layer=2, keep=6), emb, torch.arange(8))
+    assert torch.equal(got, want)
+    assert isinstance(session.engine, KeyMaskRunner)
+    assert [h.kept.tolist() for h in session.engine.history] == [s.tolist() for s in ref.selections]
+    assert session.last.stats.visual.tolist() == [[IMG] * 4] * 5 and session.last.info[0]["keep"] == 6
+    _, canonical = _chat_scene_generate(model, Fast3D(layer=2, keep=6), emb, torch.arange(8))
+    assert canonical.last.stats.visual.tolist() == [[IMG, IMG, 6, 6]] * 5
+    with pytest.raises(ValueError, match="^slot_to_object: Fast3D compat reproduces its evaluation with identity"):
+        _chat_scene_generate(model, Fast3DCompat(rule="oracle", layer=2, keep=6), emb, torch.arange(8).flip(0))
