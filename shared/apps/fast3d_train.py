@@ -497,7 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if v is not None:
             values[f.name] = v
     summary = train(TrainConfig(**values), resume=args.resume)
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # one copy under `accelerate launch`
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     return 0
 
 

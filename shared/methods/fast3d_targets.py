@@ -13,6 +13,11 @@ attention rows are recomputed from each layer's own q/k (``shared.engine.llm_att
 of query rows, so memory stays at one layer's activations plus (heads × chunk × sequence); it works
 under eager, SDPA and flash attention alike.
 
+Chat-Scene layout (the authors' ``get_attn_maps``): inputs_embeds = cat(p_0, object list, p_1,
+embed(" {prompt} ASSISTANT: {caption}")); visual_start = len(p_0) (45), n_obj = 100, group = 3,
+query_start = len(p_0) + 300 + len(p_1), query_end = L, question_rows = the token count of
+" {prompt} " (no special tokens), object IDs in the prompt rewritten to slot IDs first.
+
 Files: ``write_targets`` writes the authors' list ``[{index, a_map, a_map_ori}, ...]`` (plus a stable
 ``key`` per record, see ``annotation_keys``), resumably.
 """
