@@ -114,3 +114,16 @@ def test_files_and_cli(tmp_path, monkeypatch, capsys):
     torch.save([{"index": 0, "a_map": torch.rand(5), "a_map_ori": torch.rand(5)}], tmp_path / "targets.pt")
     with pytest.raises(ValueError, match="target"):
         load_logits(str(tmp_path / "targets.pt"))
+
+
+def test_default_rule_is_the_projects_sap_rule():
+    """The search's default rule is ``shared.methods.fast3d.sap_object_counts``; it agrees with this file's
+    reference, so the CLI (which uses the default) chooses the same α."""
+    from shared.methods.fast3d import sap_object_counts
+
+    assert fast3d_alpha.default_rule() is sap_object_counts
+    data = synthetic(3)
+    for a in (1e-12, 0.21, 0.5, 0.9, 1.0):
+        for lg in data.values():
+            assert torch.equal(sap_object_counts(lg, a), ref_rule(lg, a))
+    assert search_alpha(data, 80.0).alpha == search_alpha(data, 80.0, rule=ref_rule).alpha

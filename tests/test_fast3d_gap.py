@@ -31,6 +31,7 @@ from shared.methods.fast3d_cmt import CMTConfig, pairwise_geometry  # noqa: E402
 from shared.methods.fast3d_gap import (  # noqa: E402
     GAPConfig,
     GAPNet,
+    GapScorer,
     encode_prompts,
     gap_logits,
     load_gap,
@@ -158,6 +159,17 @@ def test_gap_logits_eval_mode_and_restores_training(roberta_dir):
     a = gap_logits(net, tok, ["the sofa"], feats, img, locs)
     b = gap_logits(net, tok, ["the sofa"], feats, img, locs)
     assert torch.equal(a, b) and net.training  # dropout off inside, training mode restored
+
+
+def test_scorer_takes_the_chat_scene_gap_inputs(roberta_dir):
+    net, tok = tiny_net(roberta_dir)
+    feats, img, locs = random_objects(2, net.config)
+    scorer = GapScorer(net, tok)
+    # the keyword names shared.hosts.chat_scene passes as gap_inputs
+    one = scorer(**{"prompt": "the lamp", "obj_feats": feats[1], "obj_img_feats": img[1], "locs": locs[1]})
+    both = gap_logits(net, tok, ["where is the chair?", "the lamp"], feats, img, locs)
+    assert one.shape == (6,)
+    torch.testing.assert_close(one, both[1], atol=1e-5, rtol=0)  # batch of one = row of a padded batch
 
 
 def test_refuses_object_count_mismatch(roberta_dir):

@@ -150,6 +150,22 @@ def gap_logits(model: GAPNet, tokenizer: Any, prompts: Sequence[str], obj_feats:
     return out.float().to(obj_feats.device)
 
 
+class GapScorer:
+    """Online GAP for one sample, the ``scorer`` of ``shared.methods.fast3d.Fast3D``: called with the
+    Chat-Scene host's ``gap_inputs`` — prompt (str), obj_feats (n_obj, 1024), obj_img_feats (n_obj, 1024),
+    locs (n_obj, 6) — it returns (n_obj,) float32 logits (``gap_logits`` on a batch of one)."""
+
+    def __init__(self, model: GAPNet, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompt: str, obj_feats: torch.Tensor, obj_img_feats: torch.Tensor,
+                 locs: torch.Tensor) -> torch.Tensor:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: expected the sample's raw prompt (str), got {type(prompt).__name__}")
+        return gap_logits(self.model, self.tokenizer, [prompt], obj_feats[None], obj_img_feats[None], locs[None])[0]
+
+
 def _local_dir(param: str, path: Union[str, os.PathLike]) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
