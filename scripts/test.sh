@@ -38,7 +38,11 @@ for v in "${VERSIONS[@]}"; do
     if [ "$v" = "$LATEST" ]; then
         targets=(tests)
     elif [ "$v" = 4.31.0 ]; then
-        targets=(tests/engine tests/test_lisa_host.py tests/test_prellm_baselines.py)
+        targets=(tests/engine tests/test_lisa_host.py tests/test_prellm_baselines.py tests/test_fast3d_targets.py
+                 tests/test_fast3d_gap.py)
+    elif [ "$v" = 4.39.3 ]; then
+        # Chat-Scene's pin: Fast3D's GAP targets and the GAP network's RoBERTa
+        targets=(tests/engine tests/test_fast3d_targets.py tests/test_fast3d_gap.py)
     elif [ "$v" = 4.40.2 ]; then
         targets=(tests/engine tests/hosts/test_llava_next_fork.py)
         required=1
@@ -53,6 +57,10 @@ done
 run_suite "transformers 4.31.0 + .venvs/yolo (torchvision): real patched LISA through eval/LISA/eval_seg.py" \
     env PYTHONPATH=".venvs/tf-4.31.0" HOST_TESTS_REQUIRED=1 \
     .venvs/yolo/bin/python -m pytest tests/hosts/test_lisa_real.py -q -p no:cacheprovider "$@"
+# accelerate (GAP training) lives in .venvs/yolo only; transformers from the latest target dir
+run_suite ".venvs/yolo (accelerate) + transformers $LATEST: Fast3D GAP training, resume, predict" \
+    env PYTHONPATH=".venvs/tf-$LATEST" HOST_TESTS_REQUIRED=1 \
+    .venvs/yolo/bin/python -m pytest tests/test_fast3d_train.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo (segment-anything): SAM mask source, standalone and shared-encoder, on tiny random SAMs" \

@@ -5,7 +5,8 @@
 - :mod:`.scannet` — ScanNet frame folders and ScanQA questions;
 - :mod:`.hm3d` — OpenEQA episode folders (HM3D and ScanNet) and OpenEQA questions;
 - :mod:`.frames` — numeric frame order and the fixed 12-frame sampler;
-- :mod:`.synthetic_scene` — an exact ray-cast room for tests and demos.
+- :mod:`.synthetic_scene` — an exact ray-cast room for tests and demos;
+- :mod:`.fast3d_gap` — Chat-Scene annotations + object features as GAP training samples (Fast3D).
 
 Image I/O needs Pillow (``pip install pillow``), imported when first used.
 """
