@@ -5,12 +5,15 @@
 - :mod:`.scannet` — ScanNet frame folders and ScanQA questions;
 - :mod:`.hm3d` — OpenEQA episode folders (HM3D and ScanNet) and OpenEQA questions;
 - :mod:`.frames` — numeric frame order and the fixed 12-frame sampler;
-- :mod:`.synthetic_scene` — an exact ray-cast room for tests and demos.
+- :mod:`.synthetic_scene` — an exact ray-cast room for tests and demos;
+- :mod:`.chat_scene_synthetic` — Chat-Scene's annotation folder (object features, boxes, the five val
+  annotation files) with deterministic random content, for tests and demos.
 
 Image I/O needs Pillow (``pip install pillow``), imported when first used.
 """
 from __future__ import annotations
 
+from .chat_scene_synthetic import SyntheticScenes, write_chat_scene_annotations
 from .frames import sample_frames, sample_indices, sort_frame_ids
 from .hm3d import (
     HM3D_DEPTH_SCALE,
@@ -39,6 +42,7 @@ __all__ = [
     "SCANNET_DEPTH_SCALE",
     "ScanQAQuestion",
     "SceneViews",
+    "SyntheticScenes",
     "episode_source",
     "list_openeqa_frames",
     "list_scannet_frames",
@@ -52,5 +56,6 @@ __all__ = [
     "sample_frames",
     "sample_indices",
     "sort_frame_ids",
+    "write_chat_scene_annotations",
     "write_scannet_layout",
 ]
