@@ -1,0 +1,303 @@
+"""The real Chat-Scene (tiny random weights) on synthetic scenes in Chat-Scene's own file formats.
+
+Upstream code path: ``tests/hosts/upstream.py`` materialises Chat-Scene at its pin (submodule, else the
+snapshot in ../shared/upstream) with ``patches/Chat-Scene`` applied; ``chat_scene_build`` builds a tiny
+Chat3D through Chat-Scene's own ``__init__`` (vendored LLaMA, peft LoRA, ``<OBJxxx>`` tokens) and saves it
+as Chat-Scene's training saves a checkpoint; ``shared.datasets.chat_scene_synthetic`` writes the annotation
+folder (features, boxes, the five val json files). ``eval/Chat-Scene/eval_chatscene.py`` builds the config,
+loads model and checkpoint, and reads the data with Chat-Scene's ``ValDataset`` + ``val_collate_fn``; then
+``Chat3D.evaluate`` (beam 5, as upstream) answers.
+
+References, computed apart from Chat-Scene's code: the features, boxes and texts read straight from the
+files; the visual span built by hand from the weights (slot i = [``<OBJ i>`` embedding row, 3D projector of
+the L2-normalised feature of object ``assigned_ids[i]``, 2D projector of its image feature]); the answer of
+stock transformers 4.39.3 ``LlamaForCausalLM`` (+ the same peft LoRA) generating from the same embeddings
+with the same settings, decoded and post-processed here (split at ``</s>``, spaces, slot ids mapped back).
+
+Runs on Chat-Scene's pin, transformers 4.39.3, in an env with torchvision (``scripts/test.sh``:
+``PYTHONPATH=.venvs/tf-4.39.3 .venvs/yolo/bin/python -m pytest tests/hosts/test_chat_scene_real.py``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from . import upstream
+
+REQUIRED_MODULES = ("torchvision", "peft", "sentencepiece", "google.protobuf", "plyfile", "trimesh", "scipy")
+OBJ = 12  # object slots of the fast model (the released model: 100, see test_the_released_layout_...)
+
+
+def _environment() -> None:
+    import importlib.util
+
+    import transformers
+
+    if transformers.__version__ != "4.39.3":
+        upstream.unavailable(f"Chat-Scene pins transformers 4.39.3, this is {transformers.__version__} "
+                             "(PYTHONPATH=.venvs/tf-4.39.3 .venvs/yolo/bin/python -m pytest ...)")
+    missing = []
+    for m in REQUIRED_MODULES:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(m)
+    if missing:
+        upstream.unavailable(f"Chat-Scene's imports need {missing} (scripts/setup_test_envs.sh: .venvs/yolo + the "
+                             "tf-4.39.3 target)")
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@dataclass
+class Env:
+    cb: Any  # chat_scene_build
+    drv: Any
+    tree: Any
+    data: Any  # SyntheticScenes
+    ckpt: Any
+    cfg: Any
+    make_dataset: Any
+    collate: Any
+    model: Any
+    workdir: Path
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    _environment()
+    tree = upstream.tree_or_skip("Chat-Scene")
+    from shared.datasets import write_chat_scene_annotations
+
+    from . import chat_scene_build as cb
+
+    work = tmp_path_factory.mktemp("chat_scene")
+    data = write_chat_scene_annotations(work / "annotations", seed=0)
+    ckpt = cb.build_checkpoint(tree, work, data.root, max_obj_num=OBJ)
+    drv = cb.load_driver()
+    args = cb.driver_args(drv, ckpt.llm, data.root, work / "probe", ckpt=ckpt.ckpt, tree=tree, max_obj_num=OBJ)
+    cfg, make_dataset, collate = drv.load_data(args, require_patch=cb.is_patched(tree))
+    model = drv.load_model(args, cfg, torch.device("cpu"))
+    return Env(cb, drv, tree, data, ckpt, cfg, make_dataset, collate, model, work)
+
+
+class GenerateLog:
+    """Records the ``inputs_embeds`` and settings of every ``llama_model.generate`` call Chat3D makes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, []
+        self._orig = model.llama_model.generate
+
+        def generate(*a, **kw):
+            self.calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+            out = self._orig(*a, **kw)
+            self.calls[-1]["output"] = out.detach().clone()
+            return out
+
+        model.llama_model.generate = generate
+
+    def close(self) -> None:
+        del self.model.llama_model.generate  # the instance attribute; the class method shows again
+
+
+def answer(env: Env, model, task: str, index: int):
+    """Chat3D.evaluate on annotation ``index`` of ``task`` (the driver's seeded one-sample batch)."""
+    bench = env.drv.ChatSceneTask(task, env.make_dataset(task), env.collate, model, [], {}, "cpu", 42, None)
+    batch = bench.batch(index)
+    log = GenerateLog(model)
+    try:
+        with torch.no_grad():
+            preds = model(**batch, is_eval=True)
+    finally:
+        log.close()
+    assert len(log.calls) == 1 and len(preds) == 1
+    return batch, preds[0], log.calls[0]
+
+
+# --------------------------------------------------------------------------------- the code path
+def test_the_driver_builds_chat_scene_s_own_classes(env):
+    import dataset.dataset_val
+    import models.chat3d
+    import models.modeling_llama
+    import peft
+
+    tree = env.tree.path.resolve()
+    for mod, rel in ((models.chat3d, "models/chat3d.py"), (models.modeling_llama, "models/modeling_llama.py"),
+                     (dataset.dataset_val, "dataset/dataset_val.py")):
+        assert Path(mod.__file__).resolve() == tree / rel
+    m = env.model
+    assert type(m) is models.chat3d.Chat3D and isinstance(m.llama_model, peft.PeftModel)
+    llama = m.llama_model.base_model.model
+    assert type(llama) is models.modeling_llama.LlamaForCausalLM and llama.config._attn_implementation == "eager"
+    assert env.make_dataset("scanqa").__class__ is dataset.dataset_val.ValDataset
+    assert env.collate is dataset.dataset_val.val_collate_fn
+    # run.sh's settings reached Chat3D
+    assert (m.max_obj_num, m.add_img_token, m.add_scene_token, m.add_pos_emb, m.bidirection) == (OBJ, True, False, False, False)
+    assert m.llama_model.peft_config["default"].r == 16 and m.llama_model.peft_config["default"].lora_alpha == 16
+    tok = m.llama_tokenizer
+    assert m.objid_end_idx - m.objid_start_idx == OBJ and tok.convert_ids_to_tokens(m.objid_start_idx) == "<OBJ000>"
+    assert m.object_proj[0].in_features == 1024 and m.object_img_proj[0].in_features == 1024
+    assert [p.name for p in env.tree.patches] == sorted(p.name for p in (upstream.ROOT / "patches" / "Chat-Scene").glob("*.patch"))
+
+
+def test_the_checkpoint_loads_as_saved_and_bad_ones_are_refused(env, tmp_path):
+    saved, loaded = env.ckpt.model.state_dict(), env.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    ck = torch.load(env.ckpt.ckpt, map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 1 and ck["global_step"] == 3446 and type(ck["config"]).__name__ == "EasyDict"
+    frozen = {n for n, p in env.model.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & set(ck["model"])  # tasks/train.py drops the frozen parameters
+    # Chat3D computes the fixed prompt embeddings in __init__, before the checkpoint: from the Vicuna's rows
+    from safetensors.torch import load_file
+
+    vicuna = load_file(str(env.ckpt.llm / "model.safetensors"))["model.embed_tokens.weight"]
+    read = lambda p: "\n".join(x.strip() for x in Path(p).read_text().splitlines())  # noqa: E731
+    p_0 = f"{read(env.cfg.model.system_path)} {read(env.cfg.model.instruction_path)} USER: ".split("<REPLACE>")[0]
+    ids = env.model.llama_tokenizer(p_0, add_special_tokens=True).input_ids
+    assert ids[0] == 1 and torch.equal(env.model.p_0_embed, vicuna[ids])
+    assert not torch.equal(vicuna, loaded["llama_model.base_model.model.model.embed_tokens.weight"][: vicuna.shape[0]])
+
+    drv = env.drv
+    bad = dict(ck["model"])
+    key = "object_proj.0.weight"
+    bad[key] = bad[key][:, :512]
+    torch.save({"model": bad}, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: 1 tensors of .*object_proj\.0\.weight: file \(64, 512\) vs model \(64, 1024\)"):
+        drv.load_checkpoint(env.model, str(tmp_path / "shape.pth"))
+    torch.save({"model": {k: v for k, v in ck["model"].items() if "lora_B" not in k}}, tmp_path / "lora.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: .* lacks 28 trainable parameters of the model, e\.g\. \['llama_model\..*lora_B"):
+        drv.load_checkpoint(env.model, str(tmp_path / "lora.pth"))
+    torch.save({"model": {**ck["model"], "scene_proj.weight": torch.zeros(2)}}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: .* 1 keys the model does not have, e\.g\. \['scene_proj\.weight'\]"):
+        drv.load_checkpoint(env.model, str(tmp_path / "extra.pth"))
+    before = {k: v.clone() for k, v in env.model.state_dict().items()}
+    assert drv.load_checkpoint(env.model, str(tmp_path / "extra.pth"), ignore_unexpected=True)["unexpected"] == ["scene_proj.weight"]
+    assert all(torch.equal(before[k], v) for k, v in env.model.state_dict().items())
+
+
+def test_valdataset_reads_the_synthetic_files(env):
+    """Features, boxes, prompt and references of a sample are those in the files; the slot permutation is
+    torch.randperm(max_obj_num) under the annotation's seed."""
+    root = env.data.root
+    feats = torch.load(root / "scannet_mask3d_uni3d_feats.pt")
+    img = torch.load(root / "scannet_mask3d_videofeats.pt")
+    attrs = torch.load(root / "scannet_mask3d_val_attributes.pt")
+    for task, index in (("scanrefer", 4), ("multi3dref", 1), ("scan2cap", 2), ("scanqa", 0), ("sqa3d", 5)):
+        anno = json.loads(Path(env.cfg.val_file_dict[task][3]).read_text())[index]
+        bench = env.drv.ChatSceneTask(task, env.make_dataset(task), env.collate, None, [], {}, "cpu", 42, None)
+        batch = bench.batch(index)
+        sid = anno["scene_id"]
+        n = env.data.instances[sid]
+        assert batch["scene_feat"].shape == (1, OBJ, 1024) and batch["scene_img_feat"].dtype == torch.float32
+        for k in range(OBJ):
+            want = feats[f"{sid}_{k:02}"] if k < n else torch.zeros(1024)
+            want_img = img[f"{sid}_{k:02}"].float() if k < n else torch.zeros(1024)
+            assert torch.equal(batch["scene_feat"][0, k], want) and torch.equal(batch["scene_img_feat"][0, k], want_img)
+        assert torch.equal(batch["scene_locs"][0], attrs[sid]["locs"]) and bool(batch["scene_mask"].all())
+        torch.manual_seed(env.drv.sample_seed(42, task, index))
+        assert torch.equal(batch["assigned_ids"][0], torch.randperm(OBJ))
+        rec = env.drv.prediction_record(batch, "x")
+        assert (rec["scene_id"], rec["gt_id"], rec["prompt"], rec["ref_captions"]) == (
+            sid, anno["obj_id"], anno["prompt"], anno["ref_captions"])
+        assert rec["pred_id"] == anno.get("pred_id", 0)
+        assert rec["type_info"] == anno.get("sqa_type", anno.get("eval_type", 0))
+
+
+# ----------------------------------------------------------------------------------- references
+def visual_span_by_hand(env: Env, model, batch) -> torch.Tensor:
+    """(3 * max_obj_num, d): slot i = [<OBJ i> embedding row, object_proj(normalize(feat[assigned[i]])),
+    object_img_proj(normalize(img_feat[assigned[i]]))], from the batch's raw features."""
+    emb = model.llama_model.base_model.model.model.embed_tokens.weight
+    ids = batch["assigned_ids"][0]
+    feat = torch.nn.functional.normalize(batch["scene_feat"][0], dim=-1)
+    img = torch.nn.functional.normalize(batch["scene_img_feat"][0], dim=-1)
+    rows = []
+    for i in range(ids.numel()):
+        rows += [emb[model.objid_start_idx + i], model.object_proj(feat[ids[i]]), model.object_img_proj(img[ids[i]])]
+    return torch.stack(rows)
+
+
+def stock_llm(model):
+    """Stock transformers 4.39.3 LlamaForCausalLM + the same peft LoRA, with the model's LLM weights."""
+    import peft
+    import transformers
+
+    vendored = model.llama_model
+    cfg = transformers.LlamaConfig(**{k: v for k, v in vendored.config.to_dict().items()
+                                      if k not in ("architectures", "_name_or_path")})
+    cfg._attn_implementation = "eager"
+    stock = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), vendored.peft_config["default"])
+    stock.load_state_dict(vendored.state_dict(), strict=True)
+    return stock.eval()
+
+
+def recover_by_hand(text: str, assigned: List[int]) -> str:
+    """Slot ids in ``text`` back to object ids (ids outside the slots do not occur in the cases checked)."""
+    return re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{assigned[int(m.group(1))]:03}>", text)
+
+
+@pytest.mark.parametrize("task,index", [("scanrefer", 0), ("scan2cap", 3), ("sqa3d", 2)])
+def test_evaluate_answers_from_the_layout_and_equals_stock_transformers(env, task, index):
+    model = env.model
+    batch, pred, call = answer(env, model, task, index)
+    emb = call["inputs_embeds"][0]
+    p0, p1 = model.p_0_embed, model.p_1_embed
+    vis_start, vis_len = p0.shape[0], 3 * OBJ
+    # [p_0 | 3 tokens per object slot | p_1 | " {prompt} ASSISTANT: " with object ids as slot ids]
+    slot_of = {int(o): s for s, o in enumerate(batch["assigned_ids"][0].tolist())}
+    prompt = re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{slot_of[int(m.group(1))]:03}>", batch["custom_prompt"][0])
+    ids = model.llama_tokenizer(f" {prompt} ASSISTANT: ", add_special_tokens=False).input_ids
+    assert emb.shape[0] == vis_start + vis_len + p1.shape[0] + len(ids)
+    assert torch.equal(emb[:vis_start], p0) and torch.equal(emb[vis_start + vis_len:][: p1.shape[0]], p1)
+    with torch.no_grad():
+        assert torch.allclose(emb[vis_start:vis_start + vis_len], visual_span_by_hand(env, model, batch), atol=1e-6, rtol=0)
+        text_rows = model.llama_model.base_model.model.model.embed_tokens(torch.tensor(ids))
+    assert torch.equal(emb[vis_start + vis_len + p1.shape[0]:], text_rows)
+    assert (call["num_beams"], call["max_new_tokens"], call["repetition_penalty"], call["min_length"]) == (5, 8, 3.0, 1)
+    # the same embeddings through stock transformers: the same tokens, decoded and post-processed by hand
+    with torch.no_grad():
+        ref = stock_llm(model).generate(inputs_embeds=call["inputs_embeds"], max_new_tokens=8, num_beams=5,
+                                        min_length=1, repetition_penalty=3.0, length_penalty=1, temperature=1.0)
+    assert torch.equal(call["output"], ref)
+    text = model.llama_tokenizer.decode(ref[0]).split("</s>")[0].replace("  ", " ").replace(" .", ".").strip()
+    assert pred == recover_by_hand(text, batch["assigned_ids"][0].tolist()) and pred
+
+
+def test_the_released_layout_100_objects_300_tokens(env):
+    """max_obj_num = 100 as released: 300 visual tokens from len(p_0) on, slot ids <OBJ000>..<OBJ099> in
+    order, 3 tokens per slot also for the slots past the scene's instances (zero features). With the real
+    LLaMA tokenizer len(p_0) is 45 (Fast3D's fast_v_sys_length); with this test tokenizer it is whatever
+    p_0 encodes to, which is why the span is read off p_0_embed."""
+    drv, cb = env.drv, env.cb
+    ck = cb.build_checkpoint(env.tree, env.workdir / "obj100", env.data.root, max_obj_num=100, llm=env.ckpt.llm)
+    args = cb.driver_args(drv, ck.llm, env.data.root, env.workdir / "probe100", ckpt=ck.ckpt, tree=env.tree,
+                          max_obj_num=100, max_new_tokens=4)
+    cfg, make_dataset, collate = drv.load_data(args, require_patch=cb.is_patched(env.tree))
+    model = drv.load_model(args, cfg, torch.device("cpu"))
+    sub = Env(cb, drv, env.tree, env.data, ck, cfg, make_dataset, collate, model, env.workdir)
+    batch, pred, call = answer(sub, model, "scanqa", 1)
+    assert batch["scene_feat"].shape == (1, 100, 1024) and sorted(batch["assigned_ids"][0].tolist()) == list(range(100))
+    emb = call["inputs_embeds"][0]
+    vis_start = model.p_0_embed.shape[0]
+    span = emb[vis_start:vis_start + 300]
+    ids = model.llama_tokenizer.convert_tokens_to_ids([f"<OBJ{i:03}>" for i in range(100)])
+    table = model.llama_model.base_model.model.model.embed_tokens.weight
+    assert ids == list(range(model.objid_start_idx, model.objid_start_idx + 100))
+    assert torch.equal(span[0::3], table[ids])
+    with torch.no_grad():
+        assert torch.allclose(span, visual_span_by_hand(sub, model, batch), atol=1e-6, rtol=0)
+        zero = model.object_proj(torch.zeros(1024))  # normalize(0) = 0: an empty slot still takes 3 tokens
+    empty = [s for s, o in enumerate(batch["assigned_ids"][0].tolist()) if o >= env.data.instances[batch["scene_id"][0]]]
+    assert len(empty) == 100 - env.data.instances[batch["scene_id"][0]]
+    assert all(torch.allclose(span[3 * s + 1], zero, atol=1e-6, rtol=0) for s in empty)
+    assert torch.equal(emb[vis_start + 300:vis_start + 300 + model.p_1_embed.shape[0]], model.p_1_embed)
+    assert isinstance(pred, str)
