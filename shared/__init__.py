@@ -6,11 +6,24 @@
 reproduces the papers' figures (``shared.accounting``).
 """
 from .engine import pruning
-from .methods import FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, SeGPruner, VisionZip, available_methods, get_method
+from .methods import (
+    Fast3D,
+    FastV,
+    LVLMCSP,
+    PruMerge,
+    PruMergePlus,
+    PyramidDrop,
+    RandomDrop,
+    SeGPruner,
+    VisionZip,
+    available_methods,
+    get_method,
+)
 from .session import ForwardRecord, PruningSession, prune
 
 __version__ = "0.1.0"
 __all__ = [
+    "Fast3D",
     "FastV",
     "ForwardRecord",
     "LVLMCSP",
@@ -18,6 +31,7 @@ __all__ = [
     "PruMergePlus",
     "PruningSession",
     "PyramidDrop",
+    "RandomDrop",
     "SeGPruner",
     "VisionZip",
     "available_methods",

@@ -88,7 +88,7 @@ class PruningSession:
                 if self.pre is not None:
                     raise ValueError(f"methods: two pre-LLM methods ({self.pre.name}, {m.name}); stack at most one")
                 self.pre = m
-            elif stage == "llm" and callable(getattr(m, "make_plan", None)):
+            elif stage == "llm" and (callable(getattr(m, "make_plan", None)) or callable(getattr(m, "make_runner", None))):
                 if self.method is not None:
                     raise ValueError(f"methods: two in-LLM methods ({self.method.name}, {m.name}); stack at most one")
                 self.method = m
@@ -105,7 +105,14 @@ class PruningSession:
                 raise refuse(m, host, missing, {n: f"{opt}=" for n, opt in host.optional.items()})
         self.engine: Optional[DecoderRunner] = None
         if self.method is not None or host.engine_always:
-            self.engine = DecoderRunner(host.decoder(), self.method)
+            # a method may bring its own decoder runner (same interface as DecoderRunner: prepare,
+            # forward, generation, last_stats), e.g. Fast3D's compat mode that masks keys instead of
+            # dropping tokens
+            make_runner = getattr(self.method, "make_runner", None)
+            if callable(make_runner):
+                self.engine = make_runner(host.decoder())
+            else:
+                self.engine = DecoderRunner(host.decoder(), self.method)
         self.records: List[ForwardRecord] = []
         self._pending: Optional[Dict[str, Any]] = None
         self._in_generation = False

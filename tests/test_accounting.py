@@ -84,7 +84,7 @@ def test_rows_are_flagged_only_when_off_the_published_figure(tmp_path):
 
     from shared import paper_figures
 
-    for name in ("fast3d.csv", "adatoken3d.csv", "segpruner.csv"):
+    for name in ("fast3d.csv", "fast3d_scores.csv", "adatoken3d.csv", "segpruner.csv"):
         shutil.copy(f"{paper_figures.folder()}/{name}", tmp_path / name)
     # (8,64,6,16) at 7B dims, T = 62: per layer n = 126 (x8), 318 (x6), 78 (x18), written out by hand
     d, m = 4096, 11008
@@ -165,3 +165,33 @@ def test_exact_convention_equals_the_flops_torch_counts_in_a_pruned_prefill():
 def test_accounting_errors_name_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_fast3d_score_ratios_recomputed_from_the_readme_figures():
+    """Score Ratio = mean over the five metrics of method / Chat-Scene, e.g. FastV 35% by hand:
+    (49.65/50.40 + 52.64/53.21 + 35.77/35.92 + 13.80/13.55 + 56.74/56.83) / 5 = 99.74 %."""
+    by_hand = 100 * (49.65 / 50.40 + 52.64 / 53.21 + 35.77 / 35.92 + 13.80 / 13.55 + 56.74 / 56.83) / 5
+    assert round(by_hand, 2) == 99.74
+    rows = [r for r in all_rows() if r.metric == "score ratio %"]
+    assert [r.ours for r in rows] == [99.74, 74.72, 50.29, 99.60, 99.53, 95.61, 98.82]
+    assert all(r.status == "ok" for r in rows)
+
+
+def test_fast3d_sap_ratio_from_gap_predictions(tmp_path):
+    """Two benchmarks' GAP prediction files in the authors' format; softmax(log p) = p, so k* is read off
+    the sorted p: file A keeps 1 and 2 of 4 objects (ratio 62.5 %), file B 4 of 4 (0 %); unweighted mean
+    31.25 %."""
+    from shared.apps.paper_tables import fast3d_sap_row, sap_pruning_ratio
+
+    p1 = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))  # alpha 0.6: k* = 1
+    p2 = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))  # alpha 0.6: k* = 2
+    p3 = torch.zeros(4)  # uniform: alpha 0.9 -> 4, alpha 0.6 -> 3
+    torch.save({0: {"a_map": p1}, 5: {"a_map": p2}}, tmp_path / "a.pt")
+    torch.save({0: {"a_map": p3}}, tmp_path / "b.pt")
+    got = sap_pruning_ratio([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")], 0.6)
+    assert got == pytest.approx((100 * (1 - 1.5 / 4) + 100 * (1 - 3 / 4)) / 2)
+    from shared import paper_figures
+
+    row = fast3d_sap_row(paper_figures.load("fast3d"), [str(tmp_path / "a.pt")], 0.6)
+    assert row.ours == 62.5 and row.status == "INCONSISTENT"  # far from the published ~90: flagged, not hidden
+    assert fast3d_sap_row(paper_figures.load("fast3d")).status == "n/a"

@@ -62,7 +62,7 @@ def _keep_everything(label, method, n, host):
     """The row's method configured to keep every visual token (None: the method cannot)."""
     from dataclasses import replace
 
-    if label.startswith("fastv"):
+    if label.startswith("fastv") or label == "random":
         return replace(method, keep=None, keep_ratio=1.0)
     if label.startswith("pdrop"):
         return replace(method, ratio=1.0)

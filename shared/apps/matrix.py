@@ -12,13 +12,15 @@ import argparse
 from typing import Any, List, Sequence, Tuple
 
 from ..hosts.base import host_class, host_names
-from ..methods import FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, SeGPruner, VisionZip
+from ..methods import Fast3D, FastV, LVLMCSP, PruMerge, PruMergePlus, PyramidDrop, RandomDrop, SeGPruner, VisionZip
 from ..needs import method_needs
 
 #: One row per method (LVLM_CSP once per clustering input it can need).
 ROWS: List[Tuple[str, Any]] = [
     ("fastv", FastV(layer=2, keep_ratio=0.25)),
     ("pdrop", PyramidDrop(layers=(1, 2), ratio=0.5)),
+    ("random", RandomDrop(layer=1, keep_ratio=0.25)),
+    ("fast3d", Fast3D(layer=0, keep=6)),
     ("lvlm_csp (uniform/random)", LVLMCSP(1, 8, 1, 4)),
     ("lvlm_csp (seg_query=query)", LVLMCSP(1, 8, 1, 4, seg_query="query")),
     ("lvlm_csp (cls)", LVLMCSP(1, 8, 1, 4, clustering="cls")),

@@ -1,6 +1,6 @@
 """Our efficiency figures beside the papers' (the papers' figures: ``shared.paper_figures``).
 
-    python -m shared.paper_tables [--tables DIR]
+    python -m shared.paper_tables [--tables DIR] [--fast3d-predictions FILE ... --fast3d-alpha 0.21]
 
 Every figure is recomputed from the row's configuration through ``shared.accounting`` and the
 methods' own schedules; nothing is copied from the paper column. Where a paper contradicts itself
@@ -80,6 +80,60 @@ def fast3d_rows(rows: List[Dict[str, str]]) -> List[Row]:
         out.append(Row("Fast3D", r["row"], f"K={k} R={keep} of {n}, {layers} layers", "pruning ratio %",
                        _num(r["pruning_ratio_pct"]), ours, 0.005))
     return out
+
+
+#: SAP's alpha in the Fast3D README (alpha_list=(0.21), search_alpha.py)
+SAP_ALPHA = 0.21
+FAST3D_METRICS = ("scanrefer_acc50", "multi3dref_f1_50", "scan2cap_b4_50", "scanqa_b4", "sqa3d_emr")
+
+
+def score_ratio(values: Dict[str, float], vanilla: Dict[str, float]) -> float:
+    """Fast3D's Score Ratio (%): the mean over the five headline metrics of method / vanilla."""
+    return 100.0 * sum(float(values[m]) / float(vanilla[m]) for m in FAST3D_METRICS) / len(FAST3D_METRICS)
+
+
+def fast3d_score_rows(rows: List[Dict[str, str]]) -> List[Row]:
+    """The README's Score Ratio column recomputed from its own per-benchmark figures."""
+    vanilla = next(r for r in rows if r["method"] == "vanilla")
+    out = []
+    for r in rows:
+        if r["method"] == "vanilla":
+            continue
+        ours = round(score_ratio(r, vanilla), 2)
+        out.append(Row("Fast3D", r["row"], r["label"], "score ratio %", _num(r["score_ratio_pct"]), ours, 0.005,
+                       "mean of the 5 metrics / Chat-Scene row"))
+    return out
+
+
+def sap_pruning_ratio(prediction_files: Sequence[str], alpha: float) -> float:
+    """SAP's mean pruning ratio (%) over GAP prediction files (one per benchmark; the authors' format
+    ``{anno_index: {"a_map": logits}}``): 100·(1 − mean k*/n) per file, then the unweighted mean over
+    files, as the authors' ``search_alpha.py``."""
+    import torch
+
+    from ..methods.fast3d import sap_object_counts
+
+    if not prediction_files:
+        raise ValueError("fast3d_predictions: give at least one GAP prediction file")
+    per_file = []
+    for path in prediction_files:
+        preds = torch.load(path, map_location="cpu")
+        if not isinstance(preds, dict) or not preds:
+            raise ValueError(f"fast3d_predictions: {path} is not a non-empty dict {{anno_index: {{'a_map': logits}}}}")
+        logits = torch.stack([torch.as_tensor(v["a_map"]).float().reshape(-1) for v in preds.values()])
+        k = sap_object_counts(logits, alpha).double()
+        per_file.append(100.0 * (1.0 - float((k / logits.shape[1]).mean())))
+    return sum(per_file) / len(per_file)
+
+
+def fast3d_sap_row(rows: List[Dict[str, str]], prediction_files: Sequence[str] = (), alpha: Optional[float] = None) -> Row:
+    r = next(r for r in rows if r["method"] == "fast3d-gap+sap")
+    a = SAP_ALPHA if alpha is None else float(alpha)
+    ours = round(sap_pruning_ratio(prediction_files, a), 2) if prediction_files else None
+    note = (f"from GAP predictions ({len(prediction_files)} files), alpha={a:g}" if prediction_files
+            else "needs a GAP run: --fast3d-predictions FILE ... (published ~90, the authors' tolerance 2%)")
+    return Row("Fast3D", r["row"] + "_ratio", f"SAP alpha={a:g} K=0", "pruning ratio %", _num(r["pruning_ratio_pct"]),
+               ours, 0.02 * 90.0, note)
 
 
 def _csp_visual(r: Dict[str, str], n: int, layers: int) -> Optional[List[int]]:
@@ -174,10 +228,14 @@ def segpruner_rows(rows: List[Dict[str, str]]) -> List[Row]:
     return out
 
 
-def all_rows(tables: str = "") -> List[Row]:
-    """Every row, from the packaged figures or from CSV files of the same names in ``tables``."""
+def all_rows(tables: str = "", fast3d_predictions: Sequence[str] = (), fast3d_alpha: Optional[float] = None) -> List[Row]:
+    """Every row, from the packaged figures or from CSV files of the same names in ``tables``;
+    ``fast3d_predictions``: GAP prediction files for the SAP pruning-ratio row."""
+    f3 = paper_figures.load("fast3d", tables)
     return (
-        fast3d_rows(paper_figures.load("fast3d", tables))
+        fast3d_rows(f3)
+        + fast3d_score_rows(paper_figures.load("fast3d_scores", tables))
+        + [fast3d_sap_row(f3, fast3d_predictions, fast3d_alpha)]
         + lvlm_csp_rows(paper_figures.load("lvlm_csp", tables))
         + adatoken_rows(paper_figures.load("adatoken3d", tables))
         + segpruner_rows(paper_figures.load("segpruner", tables))
@@ -202,8 +260,11 @@ def format_rows(rows: List[Row]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tables", default="", help="folder with CSV files replacing the packaged papers' figures")
+    ap.add_argument("--fast3d-predictions", nargs="+", default=[], metavar="FILE",
+                    help="GAP prediction files (one per benchmark) for the SAP pruning-ratio row")
+    ap.add_argument("--fast3d-alpha", type=float, default=None, help="SAP alpha (default: the README's 0.21)")
     args = ap.parse_args(argv)
-    rows = all_rows(args.tables)
+    rows = all_rows(args.tables, args.fast3d_predictions, args.fast3d_alpha)
     print(format_rows(rows))
     bad = [r for r in rows if r.status == "INCONSISTENT"]
     ok = sum(r.status == "ok" for r in rows)

@@ -36,12 +36,14 @@ __all__ = [
 @contextmanager
 def pruning(decoder: nn.Module, method: Any) -> Iterator[DecoderRunner]:
     """Run ``decoder`` through the engine with ``method`` (a method config, or None for a pass-through
-    that must reproduce the stock decoder). Yields the runner (``prepare``, ``last_stats``)."""
-    if method is not None and not callable(getattr(method, "make_plan", None)):
+    that must reproduce the stock decoder). Yields the runner (``prepare``, ``last_stats``); a method
+    with ``make_runner`` (Fast3D's compat mode) brings its own."""
+    make_runner = getattr(method, "make_runner", None)
+    if method is not None and not callable(getattr(method, "make_plan", None)) and not callable(make_runner):
         raise TypeError(
             f"method: {type(method).__name__} is not an in-decoder method (it builds no plan); pre-LLM "
             f"reducers and selectors run on the vision side (see shared.hosts.selection / shared.hosts.lisa)"
         )
-    runner = DecoderRunner(decoder, method)
+    runner = make_runner(decoder) if callable(make_runner) else DecoderRunner(decoder, method)
     with patched_forward(decoder, runner.forward):
         yield runner

@@ -6,7 +6,7 @@ import csv
 import os
 from typing import Dict, List
 
-TABLES = ("adatoken3d", "fast3d", "lvlm_csp", "segpruner")
+TABLES = ("adatoken3d", "fast3d", "fast3d_scores", "lvlm_csp", "segpruner")
 
 
 def folder() -> str:

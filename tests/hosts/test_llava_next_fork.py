@@ -130,7 +130,7 @@ def _fork_method(label, method, n):
     """A matrix row's method at the fork's sizes: (pruning config, keep-everything config or None)."""
     from dataclasses import replace
 
-    if label.startswith("fastv"):
+    if label.startswith("fastv") or label == "random":
         return method, replace(method, keep=None, keep_ratio=1.0)
     if label.startswith("pdrop"):
         return method, replace(method, ratio=1.0)
