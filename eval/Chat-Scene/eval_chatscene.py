@@ -23,7 +23,14 @@ from the session's records, FastV/Fast3D FLOPs convention, Fast3D's layer-averag
     python eval/Chat-Scene/eval_chatscene.py --tasks scanrefer scanqa --llm llm/vicuna-7b-v1.5 \\
         --ckpt ckpt/ckpt_01_3446.pth --anno-root annotations --out out/vanilla
     python eval/Chat-Scene/eval_chatscene.py --tasks all ... --out out/fastv --method fastv --method-args layer=2 keep=15
+    python eval/Chat-Scene/eval_chatscene.py --tasks scanrefer ... --out out/gap --preset fast3d --method fast3d \
+        --method-args layer=2 keep=15 --object-scores scanrefer=infer_attn_maps_val_scanrefer.pt
     python eval/Chat-Scene/eval_chatscene.py table --runs out/vanilla out/fastv --out out/table
+
+``--preset fast3d`` is Fast3D's protocol: identity object ids and eager attention (its README numbers
+also come from its transformers 4.31 fork, which this does not use). ``--object-scores TASK=PATH`` hands the
+host per-object scores for every annotation (Fast3D's GAP prediction files, a list over the annotation file
+of ``{'a_map': (100,)}``), keyed ``"<task>:<annotation index>"`` (``sample_keys``).
 
 Object ids: Chat-Scene's ``BaseDataset.get_anno`` permutes the object slots (``torch.randperm``) and
 ``recover_caption`` replaces an out-of-range id with ``random.randint``; upstream draws both from the
@@ -80,7 +87,11 @@ RUN_SH = {
     "model.use_location_token": "False", "evaluate": "True", "debug": "False",
 }
 ATTN = ("flash_attention_2", "sdpa", "eager")
-MARKER = "shared"  # the patched models/modeling_llama.py imports shared
+MARKER = "shared_chat_scene"  # the patched models/modeling_llama.py and models/chat3d.py call it
+#: ``--preset``: Fast3D's evaluation protocol (its ValDataset forces identity slots; eager attention on its
+#: transformers 4.31 fork, here on Chat-Scene's vendored 4.39 LLaMA).
+PRESETS = {"fast3d": {"identity_object_ids": True, "attn_implementation": "eager"}}
+SAMPLE_KEY = "sample_key"  # the batch field carrying the record key to the host (shared.hosts.chat_scene)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -122,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="per-annotation seeds of the slot permutation (config: 42)")
 
     evalkit.add_method_args(p)
-    g = p.add_argument_group("Chat-Scene host options (shared.hosts.chat_scene)")
+    g = p.add_argument_group("protocol and host options (shared.hosts.chat_scene)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="fast3d: Fast3D's protocol (identity object ids, eager attention)")
     g.add_argument("--identity-object-ids", action="store_true",
                    help="slot i holds object i (Fast3D's protocol) instead of Chat-Scene's random permutation")
-    g.add_argument("--compat", default=None, choices=("fast3d",),
-                   help="reproduce Fast3D's pruning mechanics (key masking, per-step FastV re-selection)")
+    g.add_argument("--object-scores", nargs="*", default=[], metavar="TASK=PATH",
+                   help="per-object scores of each annotation for --method fast3d (e.g. GAP predictions): a torch "
+                        "file holding a list over the annotation file, each a (n,) tensor or Fast3D's {'a_map': ...}")
+    g.add_argument("--scores-field", default="a_map", help="the field of Fast3D-style prediction dicts (a_map)")
     g.add_argument("--scanqa-clean-refs", action="store_true",
                    help="clean ScanQA's references before EM/caption metrics (upstream compares with raw ones)")
 
@@ -152,7 +167,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit: expected >= 1, got {args.limit}")
-    args.protocol = "custom"
+    try:
+        args.object_scores_files = evalkit.parse_kv(args.object_scores, "--object-scores")
+    except ValueError as e:
+        parser.error(str(e))
+    bad = [t for t in args.object_scores_files if t not in args.tasks]
+    if bad:
+        parser.error(f"--object-scores: {bad} are not among --tasks {args.tasks}")
+    args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
     return args
 
 
@@ -303,15 +325,19 @@ def load_data(args: argparse.Namespace, require_patch: bool = True):
     cfg = chat_scene_config(args, tree)
     from dataset.dataset_val import ValDataset, val_collate_fn
 
-    # ValDataset caches scene features per file path in a class attribute; a fresh cache per run keeps a
-    # run with another max_obj_num (or rewritten files) from reusing stale slots
-    ValDataset.cached_feats = {}
+    slots = int(cfg.model.max_obj_num)
 
     def make_dataset(task: str):
         files = cfg.val_file_dict[task]
         for f in files:
             if not os.path.isfile(f):
                 raise ValueError(f"anno_root: {task} needs {f}, which does not exist")
+        # ValDataset caches the scene features per file path in a class attribute (shared by the tasks); an
+        # entry built for another max_obj_num would hand this model the wrong number of slots: drop it
+        cached = ValDataset.cached_feats.get(files[0])
+        if cached is not None and cached[0] and next(iter(cached[0].values())).shape[0] != slots:
+            ValDataset.cached_feats.pop(files[0], None)
+            ValDataset.cached_feats.pop(files[1], None)
         return ValDataset(ann_list=files, dataset_name=task, config=cfg)
 
     return cfg, make_dataset, val_collate_fn
@@ -326,6 +352,41 @@ def sample_seed(seed: int, task: str, index: int) -> int:
 def to_device(batch: Dict[str, Any], device: Any) -> Dict[str, Any]:
     """Tensors to ``device`` (``tasks/train.py::evaluate``), everything else as is."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def sample_key(batch: Dict[str, Any], i: int) -> str:
+    """The host's per-sample key (``sample_keys`` option): ``"<task>:<annotation index>"``."""
+    if SAMPLE_KEY not in batch:
+        raise ValueError(f"sample_keys: the batch has no {SAMPLE_KEY!r} (build batches with ChatSceneTask.batch)")
+    return str(batch[SAMPLE_KEY][i])
+
+
+def load_object_scores(task: str, path: str, n: int, field: str = "a_map") -> Dict[str, torch.Tensor]:
+    """``{"<task>:<i>": (objects,) float scores}`` from a torch file holding one entry per annotation of
+    ``task`` (``n`` of them, in annotation order): a tensor, or a dict with ``field`` (Fast3D's GAP prediction
+    files, ``infer_attn_maps_val_<tag>.pt``: ``[{'a_map': ...}, ...]``); also a (n, objects) tensor."""
+    if not os.path.isfile(path):
+        raise ValueError(f"object_scores: {path} ({task}) does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except TypeError:  # torch < 1.13
+        data = torch.load(path, map_location="cpu")
+    if isinstance(data, torch.Tensor):
+        data = list(data)
+    if not isinstance(data, (list, tuple)) or len(data) != n:
+        raise ValueError(f"object_scores: {path} must hold one entry per {task} annotation ({n}), got "
+                         f"{len(data) if isinstance(data, (list, tuple)) else type(data).__name__}")
+    out = {}
+    for i, item in enumerate(data):
+        if isinstance(item, dict):
+            if field not in item:
+                raise ValueError(f"object_scores: entry {i} of {path} has no {field!r} (fields: {sorted(item)})")
+            item = item[field]
+        t = torch.as_tensor(item)
+        if t.dim() != 1 or not t.is_floating_point():
+            raise ValueError(f"object_scores: entry {i} of {path} is not a (objects,) float tensor: {tuple(t.shape)} {t.dtype}")
+        out[f"{task}:{i}"] = t.float()
+    return out
 
 
 def prediction_record(batch: Dict[str, Any], pred: str) -> Dict[str, Any]:
@@ -363,6 +424,8 @@ class ChatSceneTask(evalkit.Benchmark):
         self.methods, self.host_options = list(methods), dict(host_options)
         self.device, self.seed, self.limit = device, seed, limit
         self.identity_object_ids, self.scanqa_clean_refs, self.anno_root = identity_object_ids, scanqa_clean_refs, anno_root
+        self.host_options.setdefault("sample_keys", sample_key)
+        self.scorers: Optional[CaptionScorers] = None  # set by run(): one METEOR JVM for every benchmark
 
     def jobs(self) -> List[evalkit.Job]:
         n = len(self.dataset) if self.limit is None else min(self.limit, len(self.dataset))
@@ -370,11 +433,17 @@ class ChatSceneTask(evalkit.Benchmark):
                 for i in range(n)]
 
     def batch(self, index: int) -> Dict[str, Any]:
-        """The one-sample batch of annotation ``index`` (RNGs seeded first: the slot permutation)."""
+        """The one-sample batch of annotation ``index``: RNGs seeded first (the slot permutation; with
+        ``identity_object_ids`` slot i holds object i, as Fast3D's ValDataset sets it), plus the record key
+        under ``SAMPLE_KEY`` (Chat3D.evaluate hands its extra keyword arguments to the host)."""
         seed = sample_seed(self.seed, self.name, index)
         torch.manual_seed(seed)
         random.seed(seed)
-        return self.collate([self.dataset[index]])
+        batch = self.collate([self.dataset[index]])
+        if self.identity_object_ids:
+            batch["assigned_ids"] = torch.arange(batch["assigned_ids"].shape[1]).unsqueeze(0)
+        batch[SAMPLE_KEY] = [f"{self.name}:{index}"]
+        return batch
 
     def run(self, job: evalkit.Job) -> evalkit.JobOutput:
         import shared
@@ -397,9 +466,7 @@ class ChatSceneTask(evalkit.Benchmark):
         return evalkit.JobOutput([rec], _Prefill(session.last), seconds)
 
     def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
-        out = task_metrics(self.name, records, self.anno_root, self.scanqa_clean_refs)
-        out["seconds"] = evalkit.mean_of(records, "seconds")
-        return out
+        return task_metrics(self.name, records, self.anno_root, self.scanqa_clean_refs, self.scorers)
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -413,28 +480,54 @@ def save_preds(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return sorted(preds, key=lambda x: f"{x['scene_id']}_{x['gt_id']:03}_{x['qid']}")
 
 
+class CaptionScorers:
+    """``shared.metrics.chat_scene.CaptionScorers`` started on first use (Java), shared by the benchmarks
+    of a run and closed after its summary."""
+
+    def __init__(self) -> None:
+        self._scorers: Any = None
+
+    def get(self) -> Any:
+        if self._scorers is None:
+            from shared.metrics.chat_scene import CaptionScorers as Scorers
+
+            self._scorers = Scorers()
+        return self._scorers
+
+    def close(self) -> None:
+        if self._scorers is not None:
+            self._scorers.close()
+            self._scorers = None
+
+
 def task_metrics(task: str, records: Sequence[Dict[str, Any]], anno_root: Optional[str],
-                 scanqa_clean_refs: bool = False) -> Dict[str, Any]:
+                 scanqa_clean_refs: bool = False, scorers: Optional[CaptionScorers] = None) -> Dict[str, Any]:
     """Chat-Scene's ``utils/eval.py`` score of ``task`` (``shared.metrics.chat_scene``) on the records, in
-    percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...)."""
+    percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...). Files under ``anno_root`` as
+    ``utils/eval.py`` reads them under ``annotations/``."""
     from shared.metrics import chat_scene as m
     from shared.datasets import chat_scene_synthetic as files
 
     root = Path(anno_root or "")
     preds = save_preds(records)
     inst, gt = root / files.INSTANCE_ATTRIBUTES, root / files.GT_ATTRIBUTES
-    if task == "scanrefer":
-        scores = m.score_scanrefer(preds, inst, gt, root / files.UNIQUE_MULTIPLE)
-    elif task == "multi3dref":
-        scores = m.score_multi3dref(preds, inst, gt)
-    elif task == "scan2cap":
-        scores = m.score_scan2cap(preds, inst, gt, root / files.SCAN2CAP_CORPUS)
-    elif task == "scanqa":
-        scores = m.score_scanqa(preds, compat_ref_overwrite=not scanqa_clean_refs)
-    elif task == "sqa3d":
-        scores = m.score_sqa3d(preds)
-    else:
-        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    holder = scorers if scorers is not None else CaptionScorers()
+    try:
+        if task == "scanrefer":
+            scores = m.score_scanrefer(preds, inst, gt, root / files.UNIQUE_MULTIPLE)
+        elif task == "multi3dref":
+            scores = m.score_multi3dref(preds, inst, gt)
+        elif task == "scan2cap":
+            scores = m.score_scan2cap(preds, inst, gt, root / files.SCAN2CAP_CORPUS, scorers=holder.get())
+        elif task == "scanqa":
+            scores = m.score_scanqa(preds, scorers=holder.get(), compat_ref_overwrite=not scanqa_clean_refs)
+        elif task == "sqa3d":
+            scores = m.score_sqa3d(preds, scorers=holder.get())
+        else:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    finally:
+        if scorers is None:
+            holder.close()
     return {k: 100.0 * float(v) for k, v in scores.items()}
 
 
@@ -477,20 +570,21 @@ def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims
         "anno_root": ab(args.anno_root), "max_obj_num": args.max_obj_num, "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha, "max_new_tokens": args.max_new_tokens,
         "attn_implementation": args.attn_implementation, "llm_dtype": args.llm_dtype, "limit": args.limit,
-        "seed": args.seed, "identity_object_ids": args.identity_object_ids, "compat": args.compat,
-        "scanqa_clean_refs": args.scanqa_clean_refs, "methods": evalkit.method_settings(methods),
+        "seed": args.seed, "identity_object_ids": args.identity_object_ids,
+        "object_scores": {t: os.path.abspath(p) for t, p in sorted(args.object_scores_files.items())},
+        "scores_field": args.scores_field, "scanqa_clean_refs": args.scanqa_clean_refs, "methods": evalkit.method_settings(methods),
         "label": "Chat-Scene" + ("" if not methods else " + " + evalkit.method_label(methods)),
         "protocol": args.protocol, "dims": [dims.hidden, dims.intermediate, dims.layers, dims.heads],
     }
 
 
-def host_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """Options of ``shared.prune(..., host="chat_scene")``."""
-    opts: Dict[str, Any] = {}
-    if args.identity_object_ids:
-        opts["identity_object_ids"] = True
-    if args.compat is not None:
-        opts["compat"] = args.compat
+def host_options(args: argparse.Namespace, task: str, dataset: Any) -> Dict[str, Any]:
+    """Options of ``shared.prune(..., host="chat_scene")`` for ``task``: the sample keys, and the per-object
+    scores of ``--object-scores`` (keyed the same way)."""
+    opts: Dict[str, Any] = {"sample_keys": sample_key}
+    if task in args.object_scores_files:
+        opts["object_scores"] = load_object_scores(task, str(args.object_scores_files[task]), len(dataset.anno),
+                                                   args.scores_field)
     return opts
 
 
@@ -501,8 +595,8 @@ def run(args: argparse.Namespace, model: Any, make_dataset: Callable[[str], Any]
     methods = evalkit.methods_from_args(args)
     dims = llm_dims(args.llm)
     datasets = {t: make_dataset(t) for t in args.tasks}  # every benchmark loads (and is checked) before the model runs
-    opts = host_options(args)
-    benches = [ChatSceneTask(t, datasets[t], collate, model, methods, opts, device, args.seed, args.limit,
+    benches = [ChatSceneTask(t, datasets[t], collate, model, methods,
+                             host_options(args, t, datasets[t]) if not args.merge_only else {}, device, args.seed, args.limit,
                              args.identity_object_ids, args.scanqa_clean_refs, args.anno_root) for t in args.tasks]
     runner = evalkit.Run(args.out, settings(args, methods, dims), benches, evalkit.Accounting(dims, "fastv"),
                          on_error=args.on_error, progress=not args.no_progress, env=env)
@@ -515,7 +609,13 @@ def run(args: argparse.Namespace, model: Any, make_dataset: Callable[[str], Any]
             return None
         if not runner.info.is_main:
             return None
-    summary = runner.finish()
+    scorers = CaptionScorers()
+    for b in benches:
+        b.scorers = scorers
+    try:
+        summary = runner.finish()
+    finally:
+        scorers.close()
     for b in benches:
         done = [r for r in runner.records(b) if "skipped" not in r]
         (Path(args.out) / f"preds_{b.name}.json").write_text(json.dumps(save_preds(done), indent=1) + "\n",
