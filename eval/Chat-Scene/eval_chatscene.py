@@ -338,7 +338,9 @@ def load_data(args: argparse.Namespace, require_patch: bool = True):
         if cached is not None and cached[0] and next(iter(cached[0].values())).shape[0] != slots:
             ValDataset.cached_feats.pop(files[0], None)
             ValDataset.cached_feats.pop(files[1], None)
-        return ValDataset(ann_list=files, dataset_name=task, config=cfg)
+        ds = ValDataset(ann_list=files, dataset_name=task, config=cfg)
+        ds.ann_list = list(files)  # [features, image features, instance attributes, annotations]: for the metric
+        return ds
 
     return cfg, make_dataset, val_collate_fn
 
@@ -466,7 +468,9 @@ class ChatSceneTask(evalkit.Benchmark):
         return evalkit.JobOutput([rec], _Prefill(session.last), seconds)
 
     def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
-        return task_metrics(self.name, records, self.anno_root, self.scanqa_clean_refs, self.scorers)
+        files = getattr(self.dataset, "ann_list", None)
+        return task_metrics(self.name, records, self.anno_root, files[2] if files else None, self.scanqa_clean_refs,
+                            self.scorers)
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -501,24 +505,27 @@ class CaptionScorers:
 
 
 def task_metrics(task: str, records: Sequence[Dict[str, Any]], anno_root: Optional[str],
-                 scanqa_clean_refs: bool = False, scorers: Optional[CaptionScorers] = None) -> Dict[str, Any]:
+                 instance_attributes: Optional[str] = None, scanqa_clean_refs: bool = False,
+                 scorers: Optional[CaptionScorers] = None) -> Dict[str, Any]:
     """Chat-Scene's ``utils/eval.py`` score of ``task`` (``shared.metrics.chat_scene``) on the records, in
-    percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...). Files under ``anno_root`` as
-    ``utils/eval.py`` reads them under ``annotations/``."""
+    percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...). The files ``utils/eval.py`` reads under
+    ``annotations/`` are read under ``anno_root``; the Mask3D boxes from ``instance_attributes`` (the task's
+    ``val_file_dict`` entry, as upstream) or ``anno_root``."""
     from shared.metrics import chat_scene as m
-    from shared.datasets import chat_scene_synthetic as files
 
     root = Path(anno_root or "")
+    at = lambda name: root / Path(name).name  # noqa: E731  ("annotations/x" -> <anno_root>/x)
     preds = save_preds(records)
-    inst, gt = root / files.INSTANCE_ATTRIBUTES, root / files.GT_ATTRIBUTES
+    inst = Path(instance_attributes) if instance_attributes else at(m.INSTANCE_ATTRIBUTES)
+    gt = at(m.SCANNET_ATTRIBUTES)
     holder = scorers if scorers is not None else CaptionScorers()
     try:
         if task == "scanrefer":
-            scores = m.score_scanrefer(preds, inst, gt, root / files.UNIQUE_MULTIPLE)
+            scores = m.score_scanrefer(preds, inst, gt, at(m.UNIQUE_MULTIPLE_LOOKUP))
         elif task == "multi3dref":
             scores = m.score_multi3dref(preds, inst, gt)
         elif task == "scan2cap":
-            scores = m.score_scan2cap(preds, inst, gt, root / files.SCAN2CAP_CORPUS, scorers=holder.get())
+            scores = m.score_scan2cap(preds, inst, gt, at(m.SCAN2CAP_CORPUS), scorers=holder.get())
         elif task == "scanqa":
             scores = m.score_scanqa(preds, scorers=holder.get(), compat_ref_overwrite=not scanqa_clean_refs)
         elif task == "sqa3d":

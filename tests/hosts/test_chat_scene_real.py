@@ -412,6 +412,18 @@ def test_a_vanilla_run_answers_like_chat3d_and_scores_every_benchmark(env):
                       key=lambda x: f"{x['scene_id']}_{x['gt_id']:03}_{x['qid']}")
         assert preds == want
     b = run.summary["benchmarks"]
+    # ScanRefer by hand: the first <OBJxxx> below the scene's instance count (else 0) picks a Mask3D box
+    from shared.datasets.chat_scene_synthetic import box_iou_3d
+
+    inst = torch.load(env.data.root / "scannet_mask3d_val_attributes.pt")
+    gt = torch.load(env.data.root / "scannet_val_attributes.pt")
+    ious = []
+    for r in run.records["scanrefer"]:
+        locs = inst[r["scene_id"]]["locs"]
+        ids = [int(x) for x in re.findall(r"<OBJ(\d{3})>", r["pred"]) if int(x) < locs.shape[0]]
+        ious.append(box_iou_3d(locs[ids[0] if ids else 0].numpy(), gt[r["scene_id"]]["locs"][r["gt_id"]].numpy()))
+    for thr, key in ((0.25, "[scanrefer] Acc@0.25"), (0.5, "[scanrefer] Acc@0.50")):
+        assert b["scanrefer"]["metrics"][key] == pytest.approx(100.0 * sum(i >= thr for i in ious) / len(ious))
     for t, cols in env.drv.COLUMNS.items():
         assert b[t]["n"] == n[t] and b[t]["skipped"] == 0
         for _, key in cols:
