@@ -515,6 +515,10 @@ def test_a_sharded_run_merges_to_the_single_process_result(env):
         assert merged.summary["benchmarks"][t]["n"] == env.data.counts[t]
     assert any(r["visual_per_layer"] != s["visual_per_layer"] for r, s in zip(single.records["scanrefer"],
                                                                                base.records["scanrefer"]))
+    env.drv.main(["table", "--runs", str(base.out), str(out), "--out", str(env.workdir / "combined")])
+    rows = (env.workdir / "combined.md").read_text().splitlines()
+    assert rows[2].startswith("| Chat-Scene | custom | random | 0.0 | 36.0 |")
+    assert rows[3].startswith("| Chat-Scene + FastV(keep=9) | custom | random | 37.5 | 22.5 |")
 
 
 def test_other_settings_are_refused_and_a_failing_sample_can_be_skipped(env, tmp_path):
