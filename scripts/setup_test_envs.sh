@@ -16,6 +16,8 @@
 #             (freshly built envs are always checked before they are stamped)
 #   --no-tf   only set up the base venv
 #   --no-yolo skip .venvs/yolo
+#   --no-base use .venvs/base as it is (a worktree whose .venvs links to another checkout's: the
+#             base stamp names that checkout, so checking it from here would rebuild it)
 #
 #   .venvs/yolo            a separate venv for the tests that need torchvision, which PyPI's wheels
 #                          cannot load beside the local torch 2.13 CPU wheel, so this env takes
@@ -27,7 +29,10 @@
 #                          PYTHONPATH=.venvs/tf-4.31.0): LISA's vendored SAM imports torchvision, its
 #                          ValDataset opencv, pycocotools and scikit-image (utils/refer.py), its LLaVA
 #                          einops, its slow LLaMA tokenizer sentencepiece, and its loaders
-#                          (from_pretrained(low_cpu_mem_usage=True) on transformers 4.31) accelerate.
+#                          (from_pretrained(low_cpu_mem_usage=True) on transformers 4.31) accelerate;
+#                          and the real Chat-Scene tests (tests/hosts/test_chat_scene_real.py, with
+#                          PYTHONPATH=.venvs/tf-4.39.3, whose target also holds tf_nodeps_pins):
+#                          its dataset package imports torchvision, its peft accelerate and psutil.
 #
 # Each env is stamped (.venvs/<env>/.setup-stamp) with the spec it was built from; an env
 # whose stamp matches is skipped, one whose spec changed is rebuilt from scratch.
@@ -60,6 +65,20 @@ tf_extra_pins() {
     esac
 }
 
+# Extras installed with --no-deps after transformers (their other deps come from the venv that runs
+# them): resolving them would pull a second torch (peft -> torch, accelerate -> torch) into the target.
+# 4.39.3 carries what Chat-Scene's imported modules need beside transformers (tests/hosts/
+# test_chat_scene_real.py runs with .venvs/yolo, which has torch, torchvision, accelerate, psutil,
+# sentencepiece, scipy, pycocotools): peft (LoRA, models/chat3d.py), protobuf (LlamaTokenizer
+# legacy=False reads the sentencepiece model through it), plyfile + trimesh (utils/pc_util.py, imported by
+# models/position_embedding.py), pycocoevalcap (Chat-Scene's caption metrics). Versions: its requirements.txt.
+tf_nodeps_pins() {
+    case "$1" in
+        4.39.3) echo "peft==0.9.0 protobuf==4.25.3 plyfile==1.0.1 trimesh==3.23.1 pycocoevalcap==1.2" ;;
+        *) echo "" ;;
+    esac
+}
+
 YOLO="$VENVS/yolo"
 # ultralytics brings opencv-python, matplotlib, pillow, pyyaml; segment-anything (Apache-2.0, pure Python,
 # needs torchvision) is the SAM mask source; the rest after it is for LISA's code (accelerate pinned to the
@@ -71,6 +90,7 @@ FORCE=0
 VERIFY_ALL=0
 DO_TF=1
 DO_YOLO=1
+DO_BASE=1
 SELECTED=()
 for arg in "$@"; do
     case "$arg" in
@@ -78,7 +98,8 @@ for arg in "$@"; do
         --verify) VERIFY_ALL=1 ;;
         --no-tf) DO_TF=0 ;;
         --no-yolo) DO_YOLO=0 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --no-base) DO_BASE=0 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) SELECTED+=("$arg") ;;
     esac
@@ -134,33 +155,46 @@ check_tf() {  # check_tf VERSION
 }
 
 setup_tf() {  # setup_tf VERSION
-    local ver="$1" dir="$VENVS/tf-$1" pins spec
+    local ver="$1" dir="$VENVS/tf-$1" pins nodeps spec
     pins="$(tf_extra_pins "$ver")"
+    nodeps="$(tf_nodeps_pins "$ver")"
     spec="transformers==$ver $pins base=$(cat "$BASE/.setup-stamp") v1"
+    [ -n "$nodeps" ] && spec="$spec nodeps=$nodeps"
     if stamp_ok "$dir" "$spec"; then
         log "tf-$ver up to date ($dir)"
         [ "$VERIFY_ALL" -eq 1 ] && check_tf "$ver"
         return 0
     fi
-    log "building tf-$ver at $dir"
-    rm -rf "$dir"
+    # built beside the old one and swapped in once checked: runs using the old env are not broken
+    local stage="$dir.building"
+    log "building tf-$ver at $stage (replaces $dir when checked)"
+    rm -rf "$stage"
     # shellcheck disable=SC2086
-    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --only-binary :all: --target "$dir" \
+    run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --only-binary :all: --target "$stage" \
         "transformers==$ver" $pins
+    if [ -n "$nodeps" ]; then
+        # shellcheck disable=SC2086
+        run "$BASE_PY" -m pip install "${PIP_COMMON[@]}" --only-binary :all: --no-deps --target "$stage" $nodeps
+    fi
     # numpy/torch must come from the base venv: drop any copy the resolver pulled in.
     local removed=0 p
-    for p in "$dir"/numpy "$dir"/numpy-*.dist-info "$dir"/numpy.libs \
-             "$dir"/torch "$dir"/torch-*.dist-info "$dir"/torchgen "$dir"/functorch \
-             "$dir"/bin/f2py "$dir"/bin/numpy-config; do
+    for p in "$stage"/numpy "$stage"/numpy-*.dist-info "$stage"/numpy.libs \
+             "$stage"/torch "$stage"/torch-*.dist-info "$stage"/torchgen "$stage"/functorch \
+             "$stage"/bin/f2py "$stage"/bin/numpy-config; do
         if [ -e "$p" ]; then rm -rf "$p"; removed=1; fi
     done
-    [ "$removed" -eq 1 ] && log "removed numpy/torch copies from $dir (base venv provides them)"
-    if compgen -G "$dir/numpy*" >/dev/null || compgen -G "$dir/torch*" >/dev/null; then
-        echo "ERROR: numpy/torch still present in $dir" >&2
+    [ "$removed" -eq 1 ] && log "removed numpy/torch copies from $stage (base venv provides them)"
+    if compgen -G "$stage/numpy*" >/dev/null || compgen -G "$stage/torch*" >/dev/null; then
+        echo "ERROR: numpy/torch still present in $stage" >&2
         exit 1
     fi
-    check_tf "$ver"
-    echo "$spec" > "$dir/.setup-stamp"
+    log "checking transformers $ver"
+    PYTHONPATH="$stage" run "$BASE_PY" "$REPO_ROOT/scripts/check_tf_env.py" "$ver"
+    echo "$spec" > "$stage/.setup-stamp"
+    rm -rf "$dir.old"
+    if [ -e "$dir" ]; then mv "$dir" "$dir.old"; fi
+    mv "$stage" "$dir"
+    rm -rf "$dir.old"
     log "tf-$ver ready"
 }
 
@@ -182,7 +216,14 @@ setup_yolo() {
     log "yolo venv ready"
 }
 
-setup_base
+if [ "$DO_BASE" -eq 1 ]; then
+    setup_base
+elif [ ! -x "$BASE_PY" ] || [ ! -f "$BASE/.setup-stamp" ]; then
+    echo "ERROR: --no-base, but $BASE is not built" >&2
+    exit 1
+else
+    log "base venv used as it is (--no-base)"
+fi
 if [ "$DO_YOLO" -eq 1 ]; then setup_yolo; fi
 if [ "$DO_TF" -eq 1 ]; then
     for v in "${SELECTED[@]}"; do

@@ -2,8 +2,8 @@
 # The test command: builds the test environments if needed, then runs the suite once per
 # transformers version the hosts pin (4.31 LISA, 4.37.2 LLaVA-3D, 4.39.3 Chat-Scene, 4.40.2
 # LLaVA-NeXT) and the latest 5.x (native path), then the real-host tests (tests/hosts: the patched
-# upstream code from the submodule or ../shared/upstream) on their pins, and the real-YOLO Seg-First
-# test in .venvs/yolo. Extra arguments go to pytest.
+# upstream code from the submodule or ../shared/upstream) on their pins (LISA, Chat-Scene), and the
+# real-YOLO Seg-First test in .venvs/yolo. Extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_test_envs.sh || { echo "test environments could not be set up" >&2; exit 1; }
@@ -61,6 +61,11 @@ run_suite "transformers 4.31.0 + .venvs/yolo (torchvision): real patched LISA th
 run_suite ".venvs/yolo (accelerate) + transformers $LATEST: Fast3D GAP training, resume, predict" \
     env PYTHONPATH=".venvs/tf-$LATEST" HOST_TESTS_REQUIRED=1 \
     .venvs/yolo/bin/python -m pytest tests/test_fast3d_train.py -q -p no:cacheprovider "$@"
+# the real patched Chat-Scene: its dataset package imports torchvision; peft, protobuf, plyfile, trimesh and
+# pycocoevalcap come with the tf-4.39.3 target (scripts/setup_test_envs.sh, tf_nodeps_pins)
+run_suite "transformers 4.39.3 + .venvs/yolo (torchvision): real patched Chat-Scene through eval/Chat-Scene/eval_chatscene.py" \
+    env PYTHONPATH=".venvs/tf-4.39.3" HOST_TESTS_REQUIRED=1 \
+    .venvs/yolo/bin/python -m pytest tests/hosts/test_chat_scene_real.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo (segment-anything): SAM mask source, standalone and shared-encoder, on tiny random SAMs" \

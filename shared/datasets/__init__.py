@@ -7,11 +7,14 @@
 - :mod:`.frames` — numeric frame order and the fixed 12-frame sampler;
 - :mod:`.synthetic_scene` — an exact ray-cast room for tests and demos;
 - :mod:`.fast3d_gap` — Chat-Scene annotations + object features as GAP training samples (Fast3D).
+- :mod:`.chat_scene_synthetic` — Chat-Scene's annotation folder (object features, boxes, the five val
+  annotation files) with deterministic random content, for tests and demos.
 
 Image I/O needs Pillow (``pip install pillow``), imported when first used.
 """
 from __future__ import annotations
 
+from .chat_scene_synthetic import SyntheticScenes, write_chat_scene_annotations
 from .frames import sample_frames, sample_indices, sort_frame_ids
 from .hm3d import (
     HM3D_DEPTH_SCALE,
@@ -40,6 +43,7 @@ __all__ = [
     "SCANNET_DEPTH_SCALE",
     "ScanQAQuestion",
     "SceneViews",
+    "SyntheticScenes",
     "episode_source",
     "list_openeqa_frames",
     "list_scannet_frames",
@@ -53,5 +57,6 @@ __all__ = [
     "sample_frames",
     "sample_indices",
     "sort_frame_ids",
+    "write_chat_scene_annotations",
     "write_scannet_layout",
 ]

@@ -1,0 +1,705 @@
+#!/usr/bin/env python
+"""Chat-Scene on ScanRefer / Multi3dRefer / Scan2Cap / ScanQA / SQA3D under visual-token pruning (Fast3D, FastV).
+
+A standalone replacement for ``tasks/train.py`` with ``evaluate=True`` (no Slurm, no DDP wrap, no
+optimizer): one process per GPU builds Chat-Scene's config from its own ``scripts/config.py`` with the
+values of ``scripts/run.sh`` (``utils.config.Config``), builds ``Chat3D(config)`` (the vendored Vicuna
+loaded by Chat3D's own ``__init__``: LoRA r=16, ``<OBJ000>``.. ``<OBJ{max_obj_num-1}>`` added), loads the
+Chat-Scene checkpoint as ``tasks/shared_utils.py::setup_model`` does, reads each benchmark with
+Chat-Scene's ``ValDataset`` + ``val_collate_fn``, and answers every annotation with
+``model(**batch, is_eval=True)`` (``Chat3D.evaluate``: beam 5, ``max_txt_len`` new tokens) inside
+``shared.prune(model, *methods, host="chat_scene")`` (the patched ``models/modeling_llama.py`` runs the
+decoder under the session). Needs the Chat-Scene submodule with ``patches/Chat-Scene`` applied
+(``scripts/apply_patches.sh Chat-Scene``).
+
+This file holds only what is Chat-Scene's: config, model and checkpoint loading, the datasets, the model
+call, the prediction records (``tasks/train.py::evaluate``'s ``save_preds`` fields) and the metric calls
+(``shared.metrics.chat_scene``, Chat-Scene's ``utils/eval.py``). Methods by name, run settings, resume,
+sharding (contiguous slices, merged in annotation order: no padded duplicates, unlike upstream's
+``DistributedSampler``), progress, ``--on-error skip`` and the accounting (visual tokens per decoder layer
+from the session's records, FastV/Fast3D FLOPs convention, Fast3D's layer-averaged pruning ratio) come from
+``shared.evalkit``.
+
+    python eval/Chat-Scene/eval_chatscene.py --tasks scanrefer scanqa --llm llm/vicuna-7b-v1.5 \\
+        --ckpt ckpt/ckpt_01_3446.pth --anno-root annotations --out out/vanilla
+    python eval/Chat-Scene/eval_chatscene.py --tasks all ... --out out/fastv --method fastv --method-args layer=2 keep=15
+    python eval/Chat-Scene/eval_chatscene.py --tasks scanrefer ... --out out/gap --preset fast3d --method fast3d \
+        --method-args layer=2 keep=15 --object-scores scanrefer=infer_attn_maps_val_scanrefer.pt
+    python eval/Chat-Scene/eval_chatscene.py table --runs out/vanilla out/fastv --out out/table
+
+``--preset fast3d`` is Fast3D's protocol: identity object ids and eager attention (its README numbers
+also come from its transformers 4.31 fork, which this does not use). ``--object-scores TASK=PATH`` hands the
+host per-object scores for every annotation (Fast3D's GAP prediction files, a list over the annotation file
+of ``{'a_map': (100,)}``), keyed ``"<task>:<annotation index>"`` (``sample_keys``).
+
+Object ids: Chat-Scene's ``BaseDataset.get_anno`` permutes the object slots (``torch.randperm``) and
+``recover_caption`` replaces an out-of-range id with ``random.randint``; upstream draws both from the
+global RNGs, so its figures depend on the seed, the world size and the DataLoader workers. Here both RNGs
+are seeded per annotation from (``--seed``, benchmark, annotation index) right before the sample is read, so
+a sharded or resumed run gives exactly the single-process result. ``--identity-object-ids`` is Fast3D's
+protocol (slot i holds object i).
+
+Per annotation (key: its index in the annotation file) one JSONL record: Chat-Scene's prediction fields
+(``scene_id, gt_id, pred_id, qid, prompt, pred, ref_captions, type_info``), the slot permutation, and the
+accounting of the prefill (visual tokens per layer, text tokens, N_avg, pruning ratio, TFLOPs). ``finish``
+also writes ``preds_<task>.json`` in Chat-Scene's format (sorted as ``tasks/train.py`` sorts them).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from shared import evalkit  # noqa: E402
+from shared.accounting import DecoderDims  # noqa: E402
+from shared.runio import dist_info  # noqa: E402
+
+TASKS = ("scanrefer", "multi3dref", "scan2cap", "scanqa", "sqa3d")
+TITLES = {"scanrefer": "ScanRefer", "multi3dref": "Multi3dRefer", "scan2cap": "Scan2Cap", "scanqa": "ScanQA",
+          "sqa3d": "SQA3D"}
+#: the table's columns per benchmark: (heading, metric key) — Chat-Scene's README columns
+COLUMNS = {
+    "scanrefer": (("Acc@0.25", "[scanrefer] Acc@0.25"), ("Acc@0.5", "[scanrefer] Acc@0.50")),
+    "multi3dref": (("F1@0.25", "[multi3dref] all F1@0.25"), ("F1@0.5", "[multi3dref] all F1@0.50")),
+    "scan2cap": (("C@0.5", "[scan2cap] CIDEr@0.50"), ("B-4@0.5", "[scan2cap] Bleu_4@0.50")),
+    "scanqa": (("C", "[scanqa] CIDEr"), ("B-4", "[scanqa] Bleu_4")),
+    "sqa3d": (("EM", "[sqa3d] EM1"), ("EM-R", "[sqa3d] EM1_refined")),
+}
+#: ``scripts/run.sh`` values (the released checkpoint's training and eval settings), as
+#: ``Config.merge_list`` options; ``--max-obj-num``, ``--lora-r``, ``--lora-alpha`` override theirs.
+RUN_SH = {
+    "model.add_scene_token": "False", "model.add_img_token": "True", "model.train_emb": "True",
+    "model.train_img_proj": "True", "model.no_obj": "False", "model.input_dim": "1024", "model.bidirection": "False",
+    "model.add_pos_emb": "False", "model.feat_fusion": "False", "model.fuse_with_id": "False",
+    "model.use_location_token": "False", "evaluate": "True", "debug": "False",
+}
+ATTN = ("flash_attention_2", "sdpa", "eager")
+MARKER = "shared_chat_scene"  # the patched models/modeling_llama.py and models/chat3d.py call it
+#: ``--preset``: Fast3D's evaluation protocol (its ValDataset forces identity slots; eager attention on its
+#: transformers 4.31 fork, here on Chat-Scene's vendored 4.39 LLaMA).
+PRESETS = {"fast3d": {"identity_object_ids": True, "attn_implementation": "eager"}}
+SAMPLE_KEY = "sample_key"  # the batch field carrying the record key to the host (shared.hosts.chat_scene)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def expand_tasks(tasks: Sequence[str]) -> List[str]:
+    """``all`` → the five benchmarks; otherwise the names in the order given (no repeats)."""
+    out: List[str] = []
+    for t in tasks:
+        names = list(TASKS) if t == "all" else [t]
+        for n in names:
+            if n not in TASKS:
+                raise ValueError(f"tasks: expected {', '.join(TASKS)} or all, got {t!r}")
+            if n in out:
+                raise ValueError(f"tasks: {n} listed twice")
+            out.append(n)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data (Chat-Scene's scripts/config.py + scripts/run.sh)")
+    g.add_argument("--tasks", nargs="+", default=["all"], help=f"{', '.join(TASKS)} or all")
+    g.add_argument("--llm", help="the Vicuna-7B v1.5 folder (model.llama_model_path)")
+    g.add_argument("--ckpt", help="the Chat-Scene checkpoint (pretrained_path), e.g. ckpt_01_3446.pth")
+    g.add_argument("--anno-root", help="Chat-Scene's annotations/ folder (features, attributes, val json files)")
+    g.add_argument("--chat-scene-root", default=str(REPO / "Chat-Scene"),
+                   help="the patched Chat-Scene checkout (default: the submodule)")
+    g.add_argument("--max-obj-num", type=int, default=100, help="object slots (run.sh: 100; 3 tokens each)")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the checkpoint (run.sh: 16)")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (run.sh: 16)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="model.max_txt_len (generate's max_new_tokens)")
+    g.add_argument("--attn-implementation", default="flash_attention_2", choices=ATTN,
+                   help="the LLM's attention (Chat3D hard-codes flash_attention_2; eager is Fast3D's)")
+    g.add_argument("--llm-dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="the LLM's weights (Chat3D loads bf16; projectors, embeddings and lm_head stay fp32)")
+    g.add_argument("--ignore-unexpected-keys", action="store_true",
+                   help="load a checkpoint holding keys the model lacks (listed on stderr) instead of refusing it")
+    g.add_argument("--device", default=None, help="default cuda:<LOCAL_RANK>")
+    g.add_argument("--limit", type=int, default=None, help="only the first N annotations of each benchmark")
+    g.add_argument("--seed", type=int, default=42, help="per-annotation seeds of the slot permutation (config: 42)")
+
+    evalkit.add_method_args(p)
+    g = p.add_argument_group("protocol and host options (shared.hosts.chat_scene)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="fast3d: Fast3D's protocol (identity object ids, eager attention)")
+    g.add_argument("--identity-object-ids", action="store_true",
+                   help="slot i holds object i (Fast3D's protocol) instead of Chat-Scene's random permutation")
+    g.add_argument("--object-scores", nargs="*", default=[], metavar="TASK=PATH",
+                   help="per-object scores of each annotation for --method fast3d (e.g. GAP predictions): a torch "
+                        "file holding a list over the annotation file, each a (n,) tensor or Fast3D's {'a_map': ...}")
+    g.add_argument("--scores-field", default="a_map", help="the field of Fast3D-style prediction dicts (a_map)")
+    g.add_argument("--scanqa-clean-refs", action="store_true",
+                   help="clean ScanQA's references before EM/caption metrics (upstream compares with raw ones)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory (results, summary.json, table.md/.csv)")
+    g.add_argument("--on-error", default="raise", choices=evalkit.runner.ON_ERROR,
+                   help="skip: record an annotation that fails with the reason and go on")
+    g.add_argument("--merge-only", action="store_true",
+                   help="only merge the shard files of a finished multi-process run and write the summary")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.tasks = expand_tasks(args.tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("max_obj_num", "lora_r", "lora_alpha", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit: expected >= 1, got {args.limit}")
+    try:
+        args.object_scores_files = evalkit.parse_kv(args.object_scores, "--object-scores")
+    except ValueError as e:
+        parser.error(str(e))
+    bad = [t for t in args.object_scores_files if t not in args.tasks]
+    if bad:
+        parser.error(f"--object-scores: {bad} are not among --tasks {args.tasks}")
+    args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
+    return args
+
+
+# ---------------------------------------------------------------------------- Chat-Scene code
+def _tree(root: str, require_patch: bool = True) -> Path:
+    tree = Path(root).resolve()
+    if not (tree / "models" / "chat3d.py").exists():
+        raise ValueError(f"chat_scene_root: {tree} has no models/chat3d.py; initialise and patch the submodule: "
+                         f"bash scripts/apply_patches.sh Chat-Scene")
+    if require_patch and MARKER not in (tree / "models" / "modeling_llama.py").read_text(encoding="utf-8"):
+        raise ValueError(f"chat_scene_root: {tree}/models/modeling_llama.py is not patched; run: "
+                         f"bash scripts/apply_patches.sh Chat-Scene")
+    return tree
+
+
+def import_chat_scene(root: str, require_patch: bool = True) -> Path:
+    """Put the Chat-Scene tree first on ``sys.path`` (its ``models``, ``dataset``, ``utils``, ``prompts``)."""
+    tree = _tree(root, require_patch)
+    if str(tree) not in sys.path:
+        sys.path.insert(0, str(tree))
+    return tree
+
+
+def chat_scene_config(args: argparse.Namespace, tree: Path):
+    """Chat-Scene's config exactly as ``tasks/train.py`` builds it: ``Config.from_file(scripts/config.py)``,
+    the ``run.sh`` options merged with ``Config.merge_list``, leaves evaluated (``eval_dict_leaf``); then the
+    paths made absolute: the prompts under the tree, the annotation files under ``--anno-root`` (their names
+    unchanged)."""
+    from utils.config import Config, eval_dict_leaf
+
+    cfg = Config.from_file(str(tree / "scripts" / "config.py"))
+    opts = dict(RUN_SH)
+    opts.update({"model.max_obj_num": str(args.max_obj_num), "lora.lora_r": str(args.lora_r),
+                 "lora.lora_alpha": str(args.lora_alpha), "model.max_txt_len": str(args.max_new_tokens),
+                 "seed": str(args.seed)})
+    flat: List[str] = []
+    for k, v in opts.items():
+        flat += [k, v]
+    cfg = eval_dict_leaf(Config.merge_list(cfg, flat))
+    # strings that must not go through eval_dict_leaf (paths)
+    cfg.model.llama_model_path = args.llm or ""
+    cfg.pretrained_path = args.ckpt or ""
+    cfg.model.system_path = str(tree / cfg.model.system_path)
+    cfg.model.instruction_path = str(tree / cfg.model.instruction_path)
+    old_root = cfg.anno_root.rstrip("/") + "/"
+    new_root = str(Path(args.anno_root).resolve()) if args.anno_root else old_root.rstrip("/")
+    for name, files in cfg.val_file_dict.items():
+        cfg.val_file_dict[name] = [new_root + "/" + f[len(old_root):] if isinstance(f, str) and f.startswith(old_root)
+                                   else f for f in files]
+    cfg.anno_root = new_root
+    cfg.distributed = False
+    return cfg
+
+
+@contextlib.contextmanager
+def llm_loading(chat3d_module: Any, attn_implementation: str, dtype: torch.dtype) -> Iterator[None]:
+    """Inside: ``Chat3D.__init__``'s ``LlamaForCausalLM.from_pretrained(..., torch_dtype=bfloat16,
+    attn_implementation="flash_attention_2")`` loads with ``dtype`` / ``attn_implementation`` instead (the
+    module-level name ``models.chat3d.LlamaForCausalLM`` is swapped for a loader; restored on exit)."""
+    real = chat3d_module.LlamaForCausalLM
+
+    class _Loader:
+        @staticmethod
+        def from_pretrained(*a: Any, **kw: Any) -> Any:
+            kw["torch_dtype"] = dtype
+            kw["attn_implementation"] = attn_implementation
+            return real.from_pretrained(*a, **kw)
+
+    chat3d_module.LlamaForCausalLM = _Loader
+    try:
+        yield
+    finally:
+        chat3d_module.LlamaForCausalLM = real
+
+
+def build_chat3d(cfg: Any, attn_implementation: str = "flash_attention_2", llm_dtype: str = "bf16") -> Any:
+    """``Chat3D(config=cfg)`` (Chat-Scene's own constructor) with the LLM loaded as asked, in eval mode with
+    the KV cache on (``tasks/train.py::evaluate_all``)."""
+    import models.chat3d as chat3d
+
+    if attn_implementation not in ATTN:
+        raise ValueError(f"attn_implementation: expected one of {', '.join(ATTN)}, got {attn_implementation!r}")
+    if llm_dtype not in ("bf16", "fp32"):
+        raise ValueError(f"llm_dtype: expected bf16 or fp32, got {llm_dtype!r}")
+    if not cfg.model.llama_model_path or not os.path.isdir(cfg.model.llama_model_path):
+        raise ValueError(f"llm: expected the Vicuna folder, got {cfg.model.llama_model_path!r}")
+    dtype = torch.bfloat16 if llm_dtype == "bf16" else torch.float32
+    with llm_loading(chat3d, attn_implementation, dtype):
+        model = chat3d.Chat3D(config=cfg)
+    model.llama_model.config.use_cache = True
+    return model.eval()
+
+
+def load_checkpoint(model: Any, path: str, ignore_unexpected: bool = False) -> Dict[str, Any]:
+    """Load a Chat-Scene checkpoint (``{"model": state dict of the trainable parameters, "config", "epoch",
+    "global_step"}``, as ``tasks/train.py`` saves it) the way ``setup_model`` does (``load_state_dict(...,
+    strict=False)``), but refusing what it would silently drop: tensors whose shape differs from the model's
+    (another ``max_obj_num`` or LoRA rank), trainable parameters the file lacks (they would stay random) and,
+    unless ``ignore_unexpected``, keys the model does not have. The file pickles Chat-Scene's config object,
+    so it is read with ``weights_only=False``: load only checkpoints you trust. Returns what was loaded."""
+    if not os.path.isfile(path):
+        raise ValueError(f"ckpt: {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except TypeError:  # torch < 1.13 has no weights_only (and loads everything)
+        ckpt = torch.load(path, map_location="cpu")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"ckpt: {path} is not a Chat-Scene checkpoint (expected a dict with a 'model' state dict)")
+    state = ckpt["model"]
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in state]
+    if mismatched:
+        raise ValueError(f"ckpt: {len(mismatched)} tensors of {path} do not fit the model (another --max-obj-num, "
+                         f"--lora-r or LLM?): {mismatched[:4]}")
+    if missing:
+        raise ValueError(f"ckpt: {path} lacks {len(missing)} trainable parameters of the model, e.g. {missing[:4]}")
+    if unexpected:
+        msg = f"ckpt: {path} holds {len(unexpected)} keys the model does not have, e.g. {unexpected[:4]}"
+        if not ignore_unexpected:
+            raise ValueError(msg + " (--ignore-unexpected-keys loads it anyway)")
+        print(f"warning: {msg}; ignored", file=sys.stderr)
+        state = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(state, strict=False)
+    return {"loaded": len(state), "unexpected": unexpected, "epoch": ckpt.get("epoch"),
+            "global_step": ckpt.get("global_step")}
+
+
+def llm_dims(llm: str) -> DecoderDims:
+    """Decoder sizes from the Vicuna folder's config.json (no weights loaded)."""
+    path = Path(llm or "") / "config.json"
+    if not path.is_file():
+        raise ValueError(f"llm: {path} does not exist; expected the Vicuna folder")
+    c = json.loads(path.read_text(encoding="utf-8"))
+    return DecoderDims(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                       c.get("num_key_value_heads"))
+
+
+
+# -------------------------------------------------------------------------------------- dataset
+def load_data(args: argparse.Namespace, require_patch: bool = True):
+    """Chat-Scene's config, a ``ValDataset`` factory (``task -> dataset``, checking its files first) and
+    ``val_collate_fn``, as ``dataset/__init__.py::create_dataset`` builds them."""
+    tree = import_chat_scene(args.chat_scene_root, require_patch)
+    cfg = chat_scene_config(args, tree)
+    from dataset.dataset_val import ValDataset, val_collate_fn
+
+    slots = int(cfg.model.max_obj_num)
+
+    def make_dataset(task: str):
+        files = cfg.val_file_dict[task]
+        for f in files:
+            if not os.path.isfile(f):
+                raise ValueError(f"anno_root: {task} needs {f}, which does not exist")
+        # ValDataset caches the scene features per file path in a class attribute (shared by the tasks); an
+        # entry built for another max_obj_num would hand this model the wrong number of slots: drop it
+        cached = ValDataset.cached_feats.get(files[0])
+        if cached is not None and cached[0] and next(iter(cached[0].values())).shape[0] != slots:
+            ValDataset.cached_feats.pop(files[0], None)
+            ValDataset.cached_feats.pop(files[1], None)
+        ds = ValDataset(ann_list=files, dataset_name=task, config=cfg)
+        ds.ann_list = list(files)  # [features, image features, instance attributes, annotations]: for the metric
+        return ds
+
+    return cfg, make_dataset, val_collate_fn
+
+
+def sample_seed(seed: int, task: str, index: int) -> int:
+    """The seed of annotation ``index`` of ``task``: sha256 of (seed, task, index), 63 bits."""
+    digest = hashlib.sha256(f"{seed}\x00{task}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def to_device(batch: Dict[str, Any], device: Any) -> Dict[str, Any]:
+    """Tensors to ``device`` (``tasks/train.py::evaluate``), everything else as is."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def sample_key(batch: Dict[str, Any], i: int) -> str:
+    """The host's per-sample key (``sample_keys`` option): ``"<task>:<annotation index>"``."""
+    if SAMPLE_KEY not in batch:
+        raise ValueError(f"sample_keys: the batch has no {SAMPLE_KEY!r} (build batches with ChatSceneTask.batch)")
+    return str(batch[SAMPLE_KEY][i])
+
+
+def load_object_scores(task: str, path: str, n: int, field: str = "a_map") -> Dict[str, torch.Tensor]:
+    """``{"<task>:<i>": (objects,) float scores}`` from a torch file holding one entry per annotation of
+    ``task`` (``n`` of them, in annotation order): a tensor, or a dict with ``field`` (Fast3D's GAP prediction
+    files, ``infer_attn_maps_val_<tag>.pt``: ``[{'a_map': ...}, ...]``); also a (n, objects) tensor."""
+    if not os.path.isfile(path):
+        raise ValueError(f"object_scores: {path} ({task}) does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except TypeError:  # torch < 1.13
+        data = torch.load(path, map_location="cpu")
+    if isinstance(data, torch.Tensor):
+        data = list(data)
+    if not isinstance(data, (list, tuple)) or len(data) != n:
+        raise ValueError(f"object_scores: {path} must hold one entry per {task} annotation ({n}), got "
+                         f"{len(data) if isinstance(data, (list, tuple)) else type(data).__name__}")
+    out = {}
+    for i, item in enumerate(data):
+        if isinstance(item, dict):
+            if field not in item:
+                raise ValueError(f"object_scores: entry {i} of {path} has no {field!r} (fields: {sorted(item)})")
+            item = item[field]
+        t = torch.as_tensor(item)
+        if t.dim() != 1 or not t.is_floating_point():
+            raise ValueError(f"object_scores: entry {i} of {path} is not a (objects,) float tensor: {tuple(t.shape)} {t.dtype}")
+        out[f"{task}:{i}"] = t.float()
+    return out
+
+
+def prediction_record(batch: Dict[str, Any], pred: str) -> Dict[str, Any]:
+    """``tasks/train.py::evaluate``'s ``save_preds`` entry of a one-sample batch."""
+    qid = batch["qid"][0]
+    return {"scene_id": batch["scene_id"][0], "gt_id": int(batch["obj_ids"][0]), "pred_id": int(batch["pred_ids"][0]),
+            "qid": qid.item() if isinstance(qid, torch.Tensor) else qid, "prompt": batch["custom_prompt"][0],
+            "pred": pred, "ref_captions": list(batch["ref_captions"][0]), "type_info": batch["type_infos"][0]}
+
+
+class _Prefill:
+    """The session's record of one sample's prefill, one row: ``generate`` runs the 5 beams of a sample as
+    one batch whose rows are the same prompt, so their counts must agree; one of them is the sample's."""
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+
+    def efficiency(self, dims: DecoderDims, conv: Any) -> List[Any]:
+        rows = self.record.efficiency(dims, conv)
+        first = rows[0]
+        if any(r.visual_per_layer != first.visual_per_layer or r.text_tokens != first.text_tokens for r in rows[1:]):
+            raise RuntimeError("model: the beams of one sample saw different token counts at prefill")
+        return [first]
+
+
+class ChatSceneTask(evalkit.Benchmark):
+    """One benchmark: a job per annotation, one ``Chat3D.evaluate`` call on a one-sample batch."""
+
+    def __init__(self, task: str, dataset: Any, collate: Callable, model: Any, methods: Sequence[Any],
+                 host_options: Dict[str, Any], device: Any, seed: int, limit: Optional[int],
+                 identity_object_ids: bool = False, scanqa_clean_refs: bool = False,
+                 anno_root: Optional[str] = None) -> None:
+        self.name, self.title = task, TITLES[task]
+        self.dataset, self.collate, self.model = dataset, collate, model
+        self.methods, self.host_options = list(methods), dict(host_options)
+        self.device, self.seed, self.limit = device, seed, limit
+        self.identity_object_ids, self.scanqa_clean_refs, self.anno_root = identity_object_ids, scanqa_clean_refs, anno_root
+        self.host_options.setdefault("sample_keys", sample_key)
+        self.scorers: Optional[CaptionScorers] = None  # set by run(): one METEOR JVM for every benchmark
+
+    def jobs(self) -> List[evalkit.Job]:
+        n = len(self.dataset) if self.limit is None else min(self.limit, len(self.dataset))
+        return [evalkit.Job([str(i)], payload=i, label=f"{self.name}:{i}:{self.dataset.anno[i]['scene_id']}")
+                for i in range(n)]
+
+    def batch(self, index: int) -> Dict[str, Any]:
+        """The one-sample batch of annotation ``index``: RNGs seeded first (the slot permutation; with
+        ``identity_object_ids`` slot i holds object i, as Fast3D's ValDataset sets it), plus the record key
+        under ``SAMPLE_KEY`` (Chat3D.evaluate hands its extra keyword arguments to the host)."""
+        seed = sample_seed(self.seed, self.name, index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        batch = self.collate([self.dataset[index]])
+        if self.identity_object_ids:
+            batch["assigned_ids"] = torch.arange(batch["assigned_ids"].shape[1]).unsqueeze(0)
+        batch[SAMPLE_KEY] = [f"{self.name}:{index}"]
+        return batch
+
+    def run(self, job: evalkit.Job) -> evalkit.JobOutput:
+        import shared
+
+        index = job.payload
+        batch = to_device(self.batch(index), self.device)
+        sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda *a: None)
+        with torch.no_grad(), shared.prune(self.model, *self.methods, host="chat_scene", **self.host_options) as session:
+            t0 = time.perf_counter()
+            preds = self.model(**batch, is_eval=True)
+            sync()
+            seconds = time.perf_counter() - t0
+        if not isinstance(preds, list) or len(preds) != 1:
+            raise RuntimeError(f"model: expected one prediction for annotation {index}, got {preds!r}")
+        if session.last is None:
+            raise RuntimeError("model: the forward reported nothing to the session; is the Chat-Scene checkout "
+                               "patched? (scripts/apply_patches.sh Chat-Scene)")
+        rec = {evalkit.KEY: job.keys[0], "index": index, **prediction_record(batch, preds[0]),
+               "assigned_ids": [int(v) for v in batch["assigned_ids"][0].tolist()]}
+        return evalkit.JobOutput([rec], _Prefill(session.last), seconds)
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        files = getattr(self.dataset, "ann_list", None)
+        return task_metrics(self.name, records, self.anno_root, files[2] if files else None, self.scanqa_clean_refs,
+                            self.scorers)
+
+
+# -------------------------------------------------------------------------------------- metrics
+PRED_FIELDS = ("scene_id", "gt_id", "pred_id", "qid", "prompt", "pred", "ref_captions", "type_info")
+
+
+def save_preds(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records as ``tasks/train.py`` writes ``preds_*.json``: its fields, sorted by
+    ``f"{scene_id}_{gt_id:03}_{qid}"`` (a stable sort: ties stay in annotation order)."""
+    preds = [{k: r[k] for k in PRED_FIELDS} for r in records]
+    return sorted(preds, key=lambda x: f"{x['scene_id']}_{x['gt_id']:03}_{x['qid']}")
+
+
+class CaptionScorers:
+    """``shared.metrics.chat_scene.CaptionScorers`` started on first use (Java), shared by the benchmarks
+    of a run and closed after its summary."""
+
+    def __init__(self) -> None:
+        self._scorers: Any = None
+
+    def get(self) -> Any:
+        if self._scorers is None:
+            from shared.metrics.chat_scene import CaptionScorers as Scorers
+
+            self._scorers = Scorers()
+        return self._scorers
+
+    def close(self) -> None:
+        if self._scorers is not None:
+            self._scorers.close()
+            self._scorers = None
+
+
+def task_metrics(task: str, records: Sequence[Dict[str, Any]], anno_root: Optional[str],
+                 instance_attributes: Optional[str] = None, scanqa_clean_refs: bool = False,
+                 scorers: Optional[CaptionScorers] = None) -> Dict[str, Any]:
+    """Chat-Scene's ``utils/eval.py`` score of ``task`` (``shared.metrics.chat_scene``) on the records, in
+    percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...). The files ``utils/eval.py`` reads under
+    ``annotations/`` are read under ``anno_root``; the Mask3D boxes from ``instance_attributes`` (the task's
+    ``val_file_dict`` entry, as upstream) or ``anno_root``."""
+    from shared.metrics import chat_scene as m
+
+    root = Path(anno_root or "")
+    at = lambda name: root / Path(name).name  # noqa: E731  ("annotations/x" -> <anno_root>/x)
+    preds = save_preds(records)
+    inst = Path(instance_attributes) if instance_attributes else at(m.INSTANCE_ATTRIBUTES)
+    gt = at(m.SCANNET_ATTRIBUTES)
+    holder = scorers if scorers is not None else CaptionScorers()
+    try:
+        if task == "scanrefer":
+            scores = m.score_scanrefer(preds, inst, gt, at(m.UNIQUE_MULTIPLE_LOOKUP))
+        elif task == "multi3dref":
+            scores = m.score_multi3dref(preds, inst, gt)
+        elif task == "scan2cap":
+            scores = m.score_scan2cap(preds, inst, gt, at(m.SCAN2CAP_CORPUS), scorers=holder.get())
+        elif task == "scanqa":
+            scores = m.score_scanqa(preds, scorers=holder.get(), compat_ref_overwrite=not scanqa_clean_refs)
+        elif task == "sqa3d":
+            scores = m.score_sqa3d(preds, scorers=holder.get())
+        else:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    finally:
+        if scorers is None:
+            holder.close()
+    return {k: 100.0 * float(v) for k, v in scores.items()}
+
+
+# --------------------------------------------------------------------------------------- tables
+def table(summaries: Sequence[Dict[str, Any]]):
+    """Chat-Scene's README layout (per benchmark its two columns, percent) with Fast3D's efficiency
+    columns: the layer-averaged visual-token pruning ratio, N_avg and prefill TFLOPs (FastV convention)."""
+    tasks = [t for t in TASKS if any(t in s["benchmarks"] for s in summaries)]
+    header = ["method", "protocol", "object ids", "pruned %", "N_avg", "TFLOPs", "skipped"]
+    for t in tasks:
+        header += [f"{TITLES[t]} {h}" for h, _ in COLUMNS[t]]
+    rows = []
+    for s in summaries:
+        eff, st = s["efficiency"], s["settings"]
+        ratio = eff.get("pruning_ratio")
+        skipped = sum(b["skipped"] for b in s["benchmarks"].values())
+        row = [st["label"], st["protocol"], "identity" if st["identity_object_ids"] else "random",
+               evalkit.fmt(None if ratio is None else 100.0 * ratio, 1), evalkit.fmt(eff.get("n_avg"), 1),
+               evalkit.fmt(eff.get("tflops"), 3), str(skipped)]
+        for t in tasks:
+            m = s["benchmarks"].get(t, {}).get("metrics") or {}
+            row += [evalkit.fmt(m.get(k), 2) for _, k in COLUMNS[t]]
+        rows.append(row)
+    notes = [
+        "metrics: Chat-Scene's utils/eval.py (shared.metrics.chat_scene), percent; ScanQA references raw as upstream "
+        "unless the run used --scanqa-clean-refs",
+        "pruned %: visual tokens removed, averaged over decoder layers and samples (Fast3D's ratio, 1 - N_avg / 300)",
+        "N_avg: visual tokens per decoder layer (mean); TFLOPs: prefill, FastV convention, at the measured counts",
+        "object ids: random = Chat-Scene's per-sample slot permutation (seeded per annotation), identity = Fast3D's",
+    ]
+    return header, rows, notes
+
+
+# ------------------------------------------------------------------------------------- the run
+def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims) -> Dict[str, Any]:
+    """Every setting that changes the results (run.json: a resume with other values is refused)."""
+    ab = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+    return {
+        "host": "chat_scene", "tasks": list(args.tasks), "llm": ab(args.llm), "ckpt": ab(args.ckpt),
+        "anno_root": ab(args.anno_root), "max_obj_num": args.max_obj_num, "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha, "max_new_tokens": args.max_new_tokens,
+        "attn_implementation": args.attn_implementation, "llm_dtype": args.llm_dtype, "limit": args.limit,
+        "seed": args.seed, "identity_object_ids": args.identity_object_ids,
+        "object_scores": {t: os.path.abspath(p) for t, p in sorted(args.object_scores_files.items())},
+        "scores_field": args.scores_field, "scanqa_clean_refs": args.scanqa_clean_refs, "methods": evalkit.method_settings(methods),
+        "label": "Chat-Scene" + ("" if not methods else " + " + evalkit.method_label(methods)),
+        "protocol": args.protocol, "dims": [dims.hidden, dims.intermediate, dims.layers, dims.heads],
+    }
+
+
+def host_options(args: argparse.Namespace, task: str, dataset: Any) -> Dict[str, Any]:
+    """Options of ``shared.prune(..., host="chat_scene")`` for ``task``: the sample keys, and the per-object
+    scores of ``--object-scores`` (keyed the same way)."""
+    opts: Dict[str, Any] = {"sample_keys": sample_key}
+    if task in args.object_scores_files:
+        opts["object_scores"] = load_object_scores(task, str(args.object_scores_files[task]), len(dataset.anno),
+                                                   args.scores_field)
+    return opts
+
+
+def run(args: argparse.Namespace, model: Any, make_dataset: Callable[[str], Any], collate: Callable,
+        device: Any, env: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
+    """Evaluate every ``--tasks`` benchmark on this rank's shard; on a single process (or with
+    ``--merge-only``) merge and write summary.json / preds_<task>.json / table.md / table.csv."""
+    methods = evalkit.methods_from_args(args)
+    dims = llm_dims(args.llm)
+    datasets = {t: make_dataset(t) for t in args.tasks}  # every benchmark loads (and is checked) before the model runs
+    benches = [ChatSceneTask(t, datasets[t], collate, model, methods,
+                             host_options(args, t, datasets[t]) if not args.merge_only else {}, device, args.seed, args.limit,
+                             args.identity_object_ids, args.scanqa_clean_refs, args.anno_root) for t in args.tasks]
+    runner = evalkit.Run(args.out, settings(args, methods, dims), benches, evalkit.Accounting(dims, "fastv"),
+                         on_error=args.on_error, progress=not args.no_progress, env=env)
+    runner.prepare()
+    if not args.merge_only:
+        runner.evaluate()
+    if not args.merge_only and runner.info.world_size > 1:
+        if not runner.barrier():
+            print(f"[eval_chatscene] rank {runner.info.rank}: shard done; run --merge-only once every rank has finished")
+            return None
+        if not runner.info.is_main:
+            return None
+    scorers = CaptionScorers()
+    for b in benches:
+        b.scorers = scorers
+    try:
+        summary = runner.finish()
+    finally:
+        scorers.close()
+    for b in benches:
+        done = [r for r in runner.records(b) if "skipped" not in r]
+        (Path(args.out) / f"preds_{b.name}.json").write_text(json.dumps(save_preds(done), indent=1) + "\n",
+                                                             encoding="utf-8")
+    header, rows, notes = table([summary])
+    print(evalkit.write_table(header, rows, notes, Path(args.out) / "table"))
+    return summary
+
+
+def pending(args: argparse.Namespace, make_dataset: Callable[[str], Any], env: Optional[Dict[str, str]] = None) -> int:
+    """Annotations of this rank's shard without a result yet (0: nothing to run, the model is not loaded)."""
+    from shared.runio import ResultWriter, shard_path, shard_slice
+
+    info = dist_info(env)
+    todo = 0
+    for t in args.tasks:
+        n = len(make_dataset(t))
+        n = n if args.limit is None else min(n, args.limit)
+        mine = shard_slice([str(i) for i in range(n)], info.rank, info.world_size)
+        path = shard_path(Path(args.out) / f"{t}.jsonl", info.rank, info.world_size)
+        if not path.exists():
+            todo += len(mine)
+            continue
+        with ResultWriter(path, key=evalkit.KEY) as w:
+            todo += sum(1 for k in mine if k not in w.done)
+    return todo
+
+
+def load_model(args: argparse.Namespace, cfg: Any, device: torch.device) -> Any:
+    """Chat3D built and loaded as ``setup_model`` does (``Chat3D(config).to(device)``, then the checkpoint)."""
+    model = build_chat3d(cfg, args.attn_implementation, args.llm_dtype).to(device)
+    if args.ckpt:
+        load_checkpoint(model, args.ckpt, args.ignore_unexpected_keys)
+    else:
+        print("warning: no --ckpt: the projectors, LoRA and <OBJ> embeddings are untrained", file=sys.stderr)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- mains
+def main_table(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(description="Combine the summary.json of several runs into one table")
+    p.add_argument("--runs", nargs="+", required=True, help="run directories (each with summary.json)")
+    p.add_argument("--out", required=True, help="output base path: writes <out>.md and <out>.csv")
+    a = p.parse_args(argv)
+    summaries = []
+    for d in a.runs:
+        f = Path(d) / "summary.json"
+        if not f.exists():
+            raise ValueError(f"runs: {d} has no summary.json (run or --merge-only it first)")
+        summaries.append(json.loads(f.read_text(encoding="utf-8")))
+    header, rows, notes = table(summaries)
+    print(evalkit.write_table(header, rows, notes, Path(a.out)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "table":
+        main_table(argv[1:])
+        return
+    args = parse_args(argv)
+    if not args.llm or not args.anno_root:
+        raise SystemExit("eval_chatscene.py: --llm and --anno-root are required")
+    info = dist_info()
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg, make_dataset, collate = load_data(args)
+    model = None
+    if not args.merge_only and pending(args, make_dataset):
+        model = load_model(args, cfg, device)
+    run(args, model, make_dataset, collate, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,568 @@
+"""The real Chat-Scene (tiny random weights) on synthetic scenes in Chat-Scene's own file formats.
+
+Upstream code path: ``tests/hosts/upstream.py`` materialises Chat-Scene at its pin (submodule, else the
+snapshot in ../shared/upstream) with ``patches/Chat-Scene`` applied; ``chat_scene_build`` builds a tiny
+Chat3D through Chat-Scene's own ``__init__`` (vendored LLaMA, peft LoRA, ``<OBJxxx>`` tokens) and saves it
+as Chat-Scene's training saves a checkpoint; ``shared.datasets.chat_scene_synthetic`` writes the annotation
+folder (features, boxes, the five val json files). ``eval/Chat-Scene/eval_chatscene.py`` builds the config,
+loads model and checkpoint, and reads the data with Chat-Scene's ``ValDataset`` + ``val_collate_fn``; then
+``Chat3D.evaluate`` (beam 5, as upstream) answers.
+
+References, computed apart from Chat-Scene's code: the features, boxes and texts read straight from the
+files; the visual span built by hand from the weights (slot i = [``<OBJ i>`` embedding row, 3D projector of
+the L2-normalised feature of object ``assigned_ids[i]``, 2D projector of its image feature]); the answer of
+stock transformers 4.39.3 ``LlamaForCausalLM`` (+ the same peft LoRA) generating from the same embeddings
+with the same settings, decoded and post-processed here (split at ``</s>``, spaces, slot ids mapped back).
+
+Runs on Chat-Scene's pin, transformers 4.39.3, in an env with torchvision (``scripts/test.sh``:
+``PYTHONPATH=.venvs/tf-4.39.3 .venvs/yolo/bin/python -m pytest tests/hosts/test_chat_scene_real.py``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from . import upstream
+
+REQUIRED_MODULES = ("torchvision", "peft", "sentencepiece", "google.protobuf", "plyfile", "trimesh", "scipy")
+OBJ = 12  # object slots of the fast model (the released model: 100, see test_the_released_layout_...)
+
+
+def _environment() -> None:
+    import importlib.util
+
+    import transformers
+
+    if transformers.__version__ != "4.39.3":
+        upstream.unavailable(f"Chat-Scene pins transformers 4.39.3, this is {transformers.__version__} "
+                             "(PYTHONPATH=.venvs/tf-4.39.3 .venvs/yolo/bin/python -m pytest ...)")
+    missing = []
+    for m in REQUIRED_MODULES:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(m)
+    if missing:
+        upstream.unavailable(f"Chat-Scene's imports need {missing} (scripts/setup_test_envs.sh: .venvs/yolo + the "
+                             "tf-4.39.3 target)")
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@dataclass
+class Env:
+    cb: Any  # chat_scene_build
+    drv: Any
+    tree: Any
+    data: Any  # SyntheticScenes
+    ckpt: Any
+    cfg: Any
+    make_dataset: Any
+    collate: Any
+    model: Any
+    workdir: Path
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are microseconds: with several threads on a busy machine OpenMP's
+    synchronisation costs orders of magnitude more than the work (measured: 60 s vs 0.7 s for 3 samples)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    _environment()
+    tree = upstream.tree_or_skip("Chat-Scene")
+    from shared.datasets import write_chat_scene_annotations
+
+    from . import chat_scene_build as cb
+
+    work = tmp_path_factory.mktemp("chat_scene")
+    data = write_chat_scene_annotations(work / "annotations", seed=0)
+    ckpt = cb.build_checkpoint(tree, work, data.root, max_obj_num=OBJ)
+    drv = cb.load_driver()
+    args = cb.driver_args(drv, ckpt.llm, data.root, work / "probe", ckpt=ckpt.ckpt, tree=tree, max_obj_num=OBJ)
+    cfg, make_dataset, collate = drv.load_data(args, require_patch=cb.is_patched(tree))
+    model = drv.load_model(args, cfg, torch.device("cpu"))
+    return Env(cb, drv, tree, data, ckpt, cfg, make_dataset, collate, model, work)
+
+
+class GenerateLog:
+    """Records the ``inputs_embeds`` and settings of every ``llama_model.generate`` call Chat3D makes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, []
+        self._orig = model.llama_model.generate
+
+        def generate(*a, **kw):
+            self.calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+            out = self._orig(*a, **kw)
+            self.calls[-1]["output"] = out.detach().clone()
+            return out
+
+        model.llama_model.generate = generate
+
+    def close(self) -> None:
+        del self.model.llama_model.generate  # the instance attribute; the class method shows again
+
+
+def answer(env: Env, model, task: str, index: int):
+    """Chat3D.evaluate on annotation ``index`` of ``task`` (the driver's seeded one-sample batch)."""
+    bench = env.drv.ChatSceneTask(task, env.make_dataset(task), env.collate, model, [], {}, "cpu", 42, None)
+    batch = bench.batch(index)
+    log = GenerateLog(model)
+    try:
+        with torch.no_grad():
+            preds = model(**batch, is_eval=True)
+    finally:
+        log.close()
+    assert len(log.calls) == 1 and len(preds) == 1
+    return batch, preds[0], log.calls[0]
+
+
+# --------------------------------------------------------------------------------- the code path
+def test_the_driver_builds_chat_scene_s_own_classes(env):
+    import dataset.dataset_val
+    import models.chat3d
+    import models.modeling_llama
+    import peft
+
+    tree = env.tree.path.resolve()
+    for mod, rel in ((models.chat3d, "models/chat3d.py"), (models.modeling_llama, "models/modeling_llama.py"),
+                     (dataset.dataset_val, "dataset/dataset_val.py")):
+        assert Path(mod.__file__).resolve() == tree / rel
+    m = env.model
+    assert type(m) is models.chat3d.Chat3D and isinstance(m.llama_model, peft.PeftModel)
+    llama = m.llama_model.base_model.model
+    assert type(llama) is models.modeling_llama.LlamaForCausalLM and llama.config._attn_implementation == "eager"
+    assert env.make_dataset("scanqa").__class__ is dataset.dataset_val.ValDataset
+    assert env.collate is dataset.dataset_val.val_collate_fn
+    # run.sh's settings reached Chat3D
+    assert (m.max_obj_num, m.add_img_token, m.add_scene_token, m.add_pos_emb, m.bidirection) == (OBJ, True, False, False, False)
+    assert m.llama_model.peft_config["default"].r == 16 and m.llama_model.peft_config["default"].lora_alpha == 16
+    tok = m.llama_tokenizer
+    assert m.objid_end_idx - m.objid_start_idx == OBJ and tok.convert_ids_to_tokens(m.objid_start_idx) == "<OBJ000>"
+    assert m.object_proj[0].in_features == 1024 and m.object_img_proj[0].in_features == 1024
+    assert [p.name for p in env.tree.patches] == sorted(p.name for p in (upstream.ROOT / "patches" / "Chat-Scene").glob("*.patch"))
+
+
+def test_the_checkpoint_loads_as_saved_and_bad_ones_are_refused(env, tmp_path):
+    saved, loaded = env.ckpt.model.state_dict(), env.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    ck = torch.load(env.ckpt.ckpt, map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 1 and ck["global_step"] == 3446 and type(ck["config"]).__name__ == "EasyDict"
+    frozen = {n for n, p in env.model.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & set(ck["model"])  # tasks/train.py drops the frozen parameters
+    # Chat3D computes the fixed prompt embeddings in __init__, before the checkpoint: from the Vicuna's rows
+    from safetensors.torch import load_file
+
+    vicuna = load_file(str(env.ckpt.llm / "model.safetensors"))["model.embed_tokens.weight"]
+    read = lambda p: "\n".join(x.strip() for x in Path(p).read_text().splitlines())  # noqa: E731
+    p_0 = f"{read(env.cfg.model.system_path)} {read(env.cfg.model.instruction_path)} USER: ".split("<REPLACE>")[0]
+    ids = env.model.llama_tokenizer(p_0, add_special_tokens=True).input_ids
+    assert ids[0] == 1 and torch.equal(env.model.p_0_embed, vicuna[ids])
+    assert not torch.equal(vicuna, loaded["llama_model.base_model.model.model.embed_tokens.weight"][: vicuna.shape[0]])
+
+    drv = env.drv
+    bad = dict(ck["model"])
+    key = "object_proj.0.weight"
+    bad[key] = bad[key][:, :512]
+    torch.save({"model": bad}, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: 1 tensors of .*object_proj\.0\.weight: file \(64, 512\) vs model \(64, 1024\)"):
+        drv.load_checkpoint(env.model, str(tmp_path / "shape.pth"))
+    torch.save({"model": {k: v for k, v in ck["model"].items() if "lora_B" not in k}}, tmp_path / "lora.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: .* lacks 28 trainable parameters of the model, e\.g\. \['llama_model\..*lora_B"):
+        drv.load_checkpoint(env.model, str(tmp_path / "lora.pth"))
+    torch.save({"model": {**ck["model"], "scene_proj.weight": torch.zeros(2)}}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"^ckpt: .* 1 keys the model does not have, e\.g\. \['scene_proj\.weight'\]"):
+        drv.load_checkpoint(env.model, str(tmp_path / "extra.pth"))
+    before = {k: v.clone() for k, v in env.model.state_dict().items()}
+    assert drv.load_checkpoint(env.model, str(tmp_path / "extra.pth"), ignore_unexpected=True)["unexpected"] == ["scene_proj.weight"]
+    assert all(torch.equal(before[k], v) for k, v in env.model.state_dict().items())
+
+
+def test_valdataset_reads_the_synthetic_files(env):
+    """Features, boxes, prompt and references of a sample are those in the files; the slot permutation is
+    torch.randperm(max_obj_num) under the annotation's seed."""
+    root = env.data.root
+    feats = torch.load(root / "scannet_mask3d_uni3d_feats.pt")
+    img = torch.load(root / "scannet_mask3d_videofeats.pt")
+    attrs = torch.load(root / "scannet_mask3d_val_attributes.pt")
+    for task, index in (("scanrefer", 4), ("multi3dref", 1), ("scan2cap", 2), ("scanqa", 0), ("sqa3d", 5)):
+        anno = json.loads(Path(env.cfg.val_file_dict[task][3]).read_text())[index]
+        bench = env.drv.ChatSceneTask(task, env.make_dataset(task), env.collate, None, [], {}, "cpu", 42, None)
+        batch = bench.batch(index)
+        sid = anno["scene_id"]
+        n = env.data.instances[sid]
+        assert batch["scene_feat"].shape == (1, OBJ, 1024) and batch["scene_img_feat"].dtype == torch.float32
+        for k in range(OBJ):
+            want = feats[f"{sid}_{k:02}"] if k < n else torch.zeros(1024)
+            want_img = img[f"{sid}_{k:02}"].float() if k < n else torch.zeros(1024)
+            assert torch.equal(batch["scene_feat"][0, k], want) and torch.equal(batch["scene_img_feat"][0, k], want_img)
+        assert torch.equal(batch["scene_locs"][0], attrs[sid]["locs"]) and bool(batch["scene_mask"].all())
+        torch.manual_seed(env.drv.sample_seed(42, task, index))
+        assert torch.equal(batch["assigned_ids"][0], torch.randperm(OBJ))
+        rec = env.drv.prediction_record(batch, "x")
+        assert (rec["scene_id"], rec["gt_id"], rec["prompt"], rec["ref_captions"]) == (
+            sid, anno["obj_id"], anno["prompt"], anno["ref_captions"])
+        assert rec["pred_id"] == anno.get("pred_id", 0)
+        assert rec["type_info"] == anno.get("sqa_type", anno.get("eval_type", 0))
+
+
+# ----------------------------------------------------------------------------------- references
+def visual_span_by_hand(env: Env, model, batch) -> torch.Tensor:
+    """(3 * max_obj_num, d): slot i = [<OBJ i> embedding row, object_proj(normalize(feat[assigned[i]])),
+    object_img_proj(normalize(img_feat[assigned[i]]))], from the batch's raw features."""
+    emb = model.llama_model.base_model.model.model.embed_tokens.weight
+    ids = batch["assigned_ids"][0]
+    feat = torch.nn.functional.normalize(batch["scene_feat"][0], dim=-1)
+    img = torch.nn.functional.normalize(batch["scene_img_feat"][0], dim=-1)
+    rows = []
+    for i in range(ids.numel()):
+        rows += [emb[model.objid_start_idx + i], model.object_proj(feat[ids[i]]), model.object_img_proj(img[ids[i]])]
+    return torch.stack(rows)
+
+
+def stock_llm(model):
+    """Stock transformers 4.39.3 LlamaForCausalLM + the same peft LoRA, with the model's LLM weights."""
+    import peft
+    import transformers
+
+    vendored = model.llama_model
+    cfg = transformers.LlamaConfig(**{k: v for k, v in vendored.config.to_dict().items()
+                                      if k not in ("architectures", "_name_or_path")})
+    cfg._attn_implementation = "eager"
+    stock = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), vendored.peft_config["default"])
+    stock.load_state_dict(vendored.state_dict(), strict=True)
+    return stock.eval()
+
+
+def recover_by_hand(text: str, assigned: List[int]) -> str:
+    """Slot ids in ``text`` back to object ids (ids outside the slots do not occur in the cases checked)."""
+    return re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{assigned[int(m.group(1))]:03}>", text)
+
+
+@pytest.mark.parametrize("task,index", [("scanrefer", 0), ("scan2cap", 3), ("sqa3d", 2)])
+def test_evaluate_answers_from_the_layout_and_equals_stock_transformers(env, task, index):
+    model = env.model
+    batch, pred, call = answer(env, model, task, index)
+    emb = call["inputs_embeds"][0]
+    p0, p1 = model.p_0_embed, model.p_1_embed
+    vis_start, vis_len = p0.shape[0], 3 * OBJ
+    # [p_0 | 3 tokens per object slot | p_1 | " {prompt} ASSISTANT: " with object ids as slot ids]
+    slot_of = {int(o): s for s, o in enumerate(batch["assigned_ids"][0].tolist())}
+    prompt = re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{slot_of[int(m.group(1))]:03}>", batch["custom_prompt"][0])
+    ids = model.llama_tokenizer(f" {prompt} ASSISTANT: ", add_special_tokens=False).input_ids
+    assert emb.shape[0] == vis_start + vis_len + p1.shape[0] + len(ids)
+    assert torch.equal(emb[:vis_start], p0) and torch.equal(emb[vis_start + vis_len:][: p1.shape[0]], p1)
+    with torch.no_grad():
+        assert torch.allclose(emb[vis_start:vis_start + vis_len], visual_span_by_hand(env, model, batch), atol=1e-6, rtol=0)
+        text_rows = model.llama_model.base_model.model.model.embed_tokens(torch.tensor(ids))
+    assert torch.equal(emb[vis_start + vis_len + p1.shape[0]:], text_rows)
+    assert (call["num_beams"], call["max_new_tokens"], call["repetition_penalty"], call["min_length"]) == (5, 8, 3.0, 1)
+    # the same embeddings through stock transformers: the same tokens, decoded and post-processed by hand
+    with torch.no_grad():
+        ref = stock_llm(model).generate(inputs_embeds=call["inputs_embeds"], max_new_tokens=8, num_beams=5,
+                                        min_length=1, repetition_penalty=3.0, length_penalty=1, temperature=1.0)
+    assert torch.equal(call["output"], ref)
+    text = model.llama_tokenizer.decode(ref[0]).split("</s>")[0].replace("  ", " ").replace(" .", ".").strip()
+    assert pred == recover_by_hand(text, batch["assigned_ids"][0].tolist()) and pred
+
+
+def test_the_released_layout_100_objects_300_tokens(env):
+    """max_obj_num = 100 as released: 300 visual tokens from len(p_0) on, slot ids <OBJ000>..<OBJ099> in
+    order, 3 tokens per slot also for the slots past the scene's instances (zero features). With the real
+    LLaMA tokenizer len(p_0) is 45 (Fast3D's fast_v_sys_length); with this test tokenizer it is whatever
+    p_0 encodes to, which is why the span is read off p_0_embed."""
+    drv, cb = env.drv, env.cb
+    ck = cb.build_checkpoint(env.tree, env.workdir / "obj100", env.data.root, max_obj_num=100, llm=env.ckpt.llm)
+    args = cb.driver_args(drv, ck.llm, env.data.root, env.workdir / "probe100", ckpt=ck.ckpt, tree=env.tree,
+                          max_obj_num=100, max_new_tokens=4)
+    cfg, make_dataset, collate = drv.load_data(args, require_patch=cb.is_patched(env.tree))
+    model = drv.load_model(args, cfg, torch.device("cpu"))
+    sub = Env(cb, drv, env.tree, env.data, ck, cfg, make_dataset, collate, model, env.workdir)
+    batch, pred, call = answer(sub, model, "scanqa", 1)
+    assert batch["scene_feat"].shape == (1, 100, 1024) and sorted(batch["assigned_ids"][0].tolist()) == list(range(100))
+    emb = call["inputs_embeds"][0]
+    vis_start = model.p_0_embed.shape[0]
+    span = emb[vis_start:vis_start + 300]
+    ids = model.llama_tokenizer.convert_tokens_to_ids([f"<OBJ{i:03}>" for i in range(100)])
+    table = model.llama_model.base_model.model.model.embed_tokens.weight
+    assert ids == list(range(model.objid_start_idx, model.objid_start_idx + 100))
+    assert torch.equal(span[0::3], table[ids])
+    with torch.no_grad():
+        assert torch.allclose(span, visual_span_by_hand(sub, model, batch), atol=1e-6, rtol=0)
+        zero = model.object_proj(torch.zeros(1024))  # normalize(0) = 0: an empty slot still takes 3 tokens
+    empty = [s for s, o in enumerate(batch["assigned_ids"][0].tolist()) if o >= env.data.instances[batch["scene_id"][0]]]
+    assert len(empty) == 100 - env.data.instances[batch["scene_id"][0]]
+    assert all(torch.allclose(span[3 * s + 1], zero, atol=1e-6, rtol=0) for s in empty)
+    assert torch.equal(emb[vis_start + 300:vis_start + 300 + model.p_1_embed.shape[0]], model.p_1_embed)
+    assert isinstance(pred, str)
+
+
+# ------------------------------------------------------------------------------------ the driver
+FAST = ("scanrefer", "multi3dref")  # no Java scorer: the runs that check the loop, not the captions
+
+
+class ForwardLog:
+    """Every ``model(**batch, is_eval=True)`` the driver makes inside its ``shared.prune`` session: the
+    batch, the predictions and the session's record of that sample's prefill."""
+
+    def __init__(self, model) -> None:
+        self.calls: List[Dict[str, Any]] = []
+        self._h = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, _args, kwargs, output):
+        from shared.hosts import session_of
+
+        session = session_of(module)
+        self.calls.append({"batch": dict(kwargs), "output": output,
+                           "record": session.last if session is not None else None,
+                           "records": len(session.records) if session is not None else 0})
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+@dataclass
+class Run:
+    summary: Any
+    calls: List[Dict[str, Any]]
+    records: Dict[str, List[Dict[str, Any]]]
+    out: Path
+
+
+def run_driver(env: Env, name: str, *flags: str, tasks=FAST, limit=None, run_env=None, out=None,
+               model=None, **overrides) -> Run:
+    """The driver's ``run`` as its ``main`` calls it (CPU, the loaded tiny model)."""
+    if name in env.extra and out is None:
+        return env.extra[name]
+    out = out or env.workdir / f"run-{name}"
+    extra = ["--tasks", *tasks] + (["--limit", str(limit)] if limit else [])
+    args = env.cb.driver_args(env.drv, env.ckpt.llm, env.data.root, out, *extra, *flags, ckpt=env.ckpt.ckpt,
+                              tree=env.tree, max_obj_num=OBJ)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    model = model or env.model
+    log = ForwardLog(model)
+    try:
+        summary = env.drv.run(args, model, env.make_dataset, env.collate, "cpu", env=run_env or {})
+    finally:
+        log.close()
+    records = {}
+    for t in args.tasks:
+        path = Path(out) / f"{t}.jsonl"
+        records[t] = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    run = Run(summary, log.calls, records, Path(out))
+    if name:
+        env.extra[name] = run
+    return run
+
+
+def _strip(recs, drop=("seconds",)):
+    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
+
+
+def test_a_vanilla_run_answers_like_chat3d_and_scores_every_benchmark(env):
+    run = run_driver(env, "vanilla", tasks=("all",))
+    n = {t: env.data.counts[t] for t in env.drv.TASKS}
+    assert [len(run.records[t]) for t in env.drv.TASKS] == [n[t] for t in env.drv.TASKS]
+    assert len(run.calls) == sum(n.values())  # one Chat3D call per annotation, in annotation order
+    calls = iter(run.calls)
+    model = env.model
+    for t in env.drv.TASKS:
+        bench = env.drv.ChatSceneTask(t, env.make_dataset(t), env.collate, model, [], {}, "cpu", 42, None)
+        annos = json.loads(Path(env.cfg.val_file_dict[t][3]).read_text())
+        for i, rec in enumerate(run.records[t]):
+            call = next(calls)
+            assert rec["key"] == str(i) and call["batch"]["sample_key"] == [f"{t}:{i}"]
+            # one prefill record per sample, keyed by the sample
+            assert call["records"] == 1 and call["record"].host["key"] == f"{t}:{i}"
+            batch = bench.batch(i)
+            assert torch.equal(call["batch"]["assigned_ids"], batch["assigned_ids"])
+            assert rec["pred"] == call["output"][0]
+            if i == 0:
+                with torch.no_grad():  # outside any session: Chat3D's own loop
+                    assert model(**batch, is_eval=True)[0] == rec["pred"]
+            assert (rec["scene_id"], rec["gt_id"], rec["prompt"], rec["ref_captions"]) == (
+                annos[i]["scene_id"], annos[i]["obj_id"], annos[i]["prompt"], annos[i]["ref_captions"])
+            # the accounting: every layer saw the 3 * OBJ object tokens; text = p_0 + p_1 + the prompt
+            slot_of = {int(o): s for s, o in enumerate(rec["assigned_ids"])}
+            prompt = re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{slot_of[int(m.group(1))]:03}>", rec["prompt"])
+            text = len(model.p_0_embed) + len(model.p_1_embed) + len(
+                model.llama_tokenizer(f" {prompt} ASSISTANT: ", add_special_tokens=False).input_ids)
+            assert rec["visual_per_layer"] == [3 * OBJ] * 4 and rec["visual_tokens"] == 3 * OBJ
+            assert rec["text_tokens"] == text and rec["pruning_ratio"] == 0.0
+        preds = json.loads((run.out / f"preds_{t}.json").read_text())
+        fields = ("scene_id", "gt_id", "pred_id", "qid", "prompt", "pred", "ref_captions", "type_info")
+        want = sorted(({k: r[k] for k in fields} for r in run.records[t]),
+                      key=lambda x: f"{x['scene_id']}_{x['gt_id']:03}_{x['qid']}")
+        assert preds == want
+    b = run.summary["benchmarks"]
+    # ScanRefer by hand: the first <OBJxxx> below the scene's instance count (else 0) picks a Mask3D box
+    from shared.datasets.chat_scene_synthetic import box_iou_3d
+
+    inst = torch.load(env.data.root / "scannet_mask3d_val_attributes.pt")
+    gt = torch.load(env.data.root / "scannet_val_attributes.pt")
+    ious = []
+    for r in run.records["scanrefer"]:
+        locs = inst[r["scene_id"]]["locs"]
+        ids = [int(x) for x in re.findall(r"<OBJ(\d{3})>", r["pred"]) if int(x) < locs.shape[0]]
+        ious.append(box_iou_3d(locs[ids[0] if ids else 0].numpy(), gt[r["scene_id"]]["locs"][r["gt_id"]].numpy()))
+    for thr, key in ((0.25, "[scanrefer] Acc@0.25"), (0.5, "[scanrefer] Acc@0.50")):
+        assert b["scanrefer"]["metrics"][key] == pytest.approx(100.0 * sum(i >= thr for i in ious) / len(ious))
+    for t, cols in env.drv.COLUMNS.items():
+        assert b[t]["n"] == n[t] and b[t]["skipped"] == 0
+        for _, key in cols:
+            assert 0.0 <= b[t]["metrics"][key] <= 100.0
+    table = (run.out / "table.md").read_text()
+    assert "| ScanRefer Acc@0.5 |" in table and "| SQA3D EM-R |" in table and "| random |" in table
+
+
+def test_fast3d_keeps_the_top_objects_of_the_given_scores(env, tmp_path):
+    """--method fast3d with per-annotation scores (Fast3D's prediction-file format): from layer K every
+    layer sees the kept triplets; they are the slots holding the objects with the highest scores."""
+    gen = torch.Generator().manual_seed(5)
+    files = {}
+    for t in FAST:
+        path = tmp_path / f"infer_attn_maps_val_{t}.pt"
+        torch.save([{"a_map": torch.randn(OBJ, generator=gen)} for _ in range(env.data.counts[t])], path)
+        files[t] = path
+    flags = ("--method", "fast3d", "--method-args", "layer=1", "keep=9",
+             "--object-scores", *[f"{t}={p}" for t, p in files.items()])
+    for ident in (False, True):
+        run = run_driver(env, f"fast3d-{ident}", *flags, *(("--identity-object-ids",) if ident else ()), limit=3)
+        calls = iter(run.calls)
+        for t in FAST:
+            scores = torch.load(files[t])
+            for i, rec in enumerate(run.records[t]):
+                call = next(calls)
+                assert rec["visual_per_layer"] == [3 * OBJ, 9, 9, 9] and rec["pruning_ratio"] == pytest.approx(0.5625)
+                assigned = torch.tensor(rec["assigned_ids"])
+                assert (assigned.tolist() == list(range(OBJ))) == ident
+                by_slot = scores[i]["a_map"][assigned]
+                top = sorted(int(s) for s in torch.topk(by_slot, 3).indices)
+                start = len(env.model.p_0_embed)
+                want = [start + 3 * s + g for s in top for g in range(3)]
+                layer, kept = call["record"].stats.stages[-1]
+                assert layer == 1 and all(k.tolist() == want for k in kept)  # every beam row
+    assert run.summary["settings"]["identity_object_ids"] is True
+    assert "| identity |" in (run.out / "table.md").read_text()
+
+
+def test_a_killed_run_resumes_and_a_finished_one_does_no_work(env, monkeypatch):
+    base = run_driver(env, "base-fast", limit=4)
+    out = env.workdir / "resume"
+    calls = []
+    original = type(env.model).forward
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(type(env.model), "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_driver(env, "", limit=4, out=out)
+    assert [json.loads(x)["key"] for x in (out / "multi3dref.jsonl").read_text().splitlines()] == ["0"]
+    calls.clear()
+    run = run_driver(env, "", limit=4, out=out)
+    assert len(calls) == 3  # multi3dref 1..3 only
+    assert {t: _strip(r) for t, r in run.records.items()} == {t: _strip(r) for t, r in base.records.items()}
+    calls.clear()
+    args = env.cb.driver_args(env.drv, env.ckpt.llm, env.data.root, out, "--tasks", *FAST, "--limit", "4",
+                              ckpt=env.ckpt.ckpt, tree=env.tree, max_obj_num=OBJ)
+    assert env.drv.pending(args, env.make_dataset) == 0  # main() would not even load the model
+    run_driver(env, "", limit=4, out=out)
+    assert calls == []
+    assert run.summary["benchmarks"]["scanrefer"]["metrics"] == base.summary["benchmarks"]["scanrefer"]["metrics"]
+
+
+def test_a_sharded_run_merges_to_the_single_process_result(env):
+    base = run_driver(env, "base-fast", limit=4)
+    flags = ("--method", "fastv", "--method-args", "layer=2", "keep=9")
+    single = run_driver(env, "fastv-single", *flags)
+    out = env.workdir / "sharded"
+    for rank in (1, 0):
+        assert run_driver(env, "", *flags, out=out, run_env={"RANK": str(rank), "WORLD_SIZE": "2",
+                                                             "LOCAL_RANK": str(rank)}).summary is None
+    from shared.runio import shard_path
+
+    shards = {t: [[json.loads(x)["key"] for x in shard_path(out / f"{t}.jsonl", r, 2).read_text().splitlines()]
+                  for r in (0, 1)] for t in FAST}
+    for t, (a, b) in shards.items():  # contiguous halves, nothing padded or repeated
+        assert a + b == [str(i) for i in range(env.data.counts[t])] and len(a) - len(b) in (0, 1)
+    merged = run_driver(env, "", *flags, out=out, merge_only=True,
+                        run_env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert merged.calls == []
+    assert {t: _strip(r) for t, r in merged.records.items()} == {t: _strip(r) for t, r in single.records.items()}
+    for t in FAST:
+        assert merged.summary["benchmarks"][t]["metrics"] == single.summary["benchmarks"][t]["metrics"]
+        assert merged.summary["benchmarks"][t]["n"] == env.data.counts[t]
+    assert any(r["visual_per_layer"] != s["visual_per_layer"] for r, s in zip(single.records["scanrefer"],
+                                                                               base.records["scanrefer"]))
+    env.drv.main(["table", "--runs", str(base.out), str(out), "--out", str(env.workdir / "combined")])
+    rows = (env.workdir / "combined.md").read_text().splitlines()
+    assert rows[2].startswith("| Chat-Scene | custom | random | 0.0 | 36.0 |")
+    assert rows[3].startswith("| Chat-Scene + FastV(keep=9) | custom | random | 37.5 | 22.5 |")
+
+
+def test_other_settings_are_refused_and_a_failing_sample_can_be_skipped(env, tmp_path):
+    run_driver(env, "base-fast", limit=4)
+    out = env.workdir / "run-base-fast"
+    for flags, field_ in ((("--seed", "1"), "seed"), (("--identity-object-ids",), "identity_object_ids"),
+                          (("--method", "fastv", "--method-args", "layer=2", "keep=9"), "methods"),
+                          (("--preset", "fast3d"), "protocol")):
+        with pytest.raises(ValueError, match=rf"^out: .*other settings .*'{field_}'"):
+            run_driver(env, "", *flags, limit=4, out=out)
+    # an annotation whose scene has no features: raised by default, recorded with --on-error skip
+    import shutil
+
+    data = tmp_path / "annotations"
+    shutil.copytree(env.data.root, data)
+    path = data / "scanrefer_mask3d_val.json"
+    annos = json.loads(path.read_text())
+    path.write_text(json.dumps(annos[:2] + [dict(annos[0], scene_id="scene0999_00")]))
+    args = env.cb.driver_args(env.drv, env.ckpt.llm, data, tmp_path / "probe", ckpt=env.ckpt.ckpt, tree=env.tree,
+                              max_obj_num=OBJ)
+    _, make_dataset, collate = env.drv.load_data(args)
+    for on_error in ("raise", "skip"):
+        a = env.cb.driver_args(env.drv, env.ckpt.llm, data, tmp_path / on_error, "--tasks", "scanrefer",
+                               "--on-error", on_error, ckpt=env.ckpt.ckpt, tree=env.tree, max_obj_num=OBJ)
+        if on_error == "raise":
+            with pytest.raises(KeyError, match="scene0999_00"):
+                env.drv.run(a, env.model, make_dataset, collate, "cpu", env={})
+            continue
+        summary = env.drv.run(a, env.model, make_dataset, collate, "cpu", env={})
+        recs = [json.loads(x) for x in (tmp_path / "skip" / "scanrefer.jsonl").read_text().splitlines()]
+        assert [("skipped" in r) for r in recs] == [False, False, True] and "KeyError" in recs[2]["skipped"]
+        assert (summary["benchmarks"]["scanrefer"]["n"], summary["benchmarks"]["scanrefer"]["skipped"]) == (2, 1)
+
+
+def test_help_needs_no_gpu_and_no_checkout():
+    import os
+    import subprocess
+    import sys
+
+    e = {**os.environ, "PYTHON": sys.executable, "NGPUS": "0"}
+    r = subprocess.run(["bash", str(upstream.ROOT / "eval" / "Chat-Scene" / "eval.sh"), "--help"], capture_output=True,
+                       text=True, env=e, timeout=120)  # the script's header, then the driver's own --help
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Chat-Scene on its five benchmarks") and "--identity-object-ids" in r.stdout
+    r = subprocess.run(["bash", str(upstream.ROOT / "eval" / "Chat-Scene" / "eval.sh"), "scanrefer", "--out", "x"],
+                       capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 1 and "no GPU" in r.stderr
