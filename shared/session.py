@@ -134,7 +134,13 @@ class PruningSession:
         fn = getattr(self.method, "host_selection", None)
         if not callable(fn):
             return None, [{} for _ in counts]
-        picks = [fn(int(n), **dict(inp)) for n, inp in zip(counts, inputs)]
+        import inspect
+
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        # a host offers every input it has; each method takes the ones it names
+        picks = [fn(int(n), **{k: v for k, v in dict(inp).items() if takes_all or k in params})
+                 for n, inp in zip(counts, inputs)]
         if all(p is None for p in picks):
             return None, [{} for _ in counts]
         if any(p is None for p in picks):

@@ -141,9 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--object-scores", nargs="*", default=[], metavar="TASK=PATH",
                    help="per-object scores of each annotation for --method fast3d (e.g. GAP predictions): a torch "
                         "file holding a list over the annotation file, each a (n,) tensor or Fast3D's {'a_map': ...}")
+    g.add_argument("--gap-checkpoint", default=None,
+                   help="run GAP online for --method fast3d: a GAP checkpoint (shared.apps.fast3d_train output or the "
+                        "authors' checkpoint_best.pth); its time is inside each sample's measured seconds")
+    g.add_argument("--roberta", default=None, help="the local roberta-base folder GAP's text encoder loads")
     g.add_argument("--scores-field", default="a_map", help="the field of Fast3D-style prediction dicts (a_map)")
-    g.add_argument("--scanqa-clean-refs", action="store_true",
-                   help="clean ScanQA's references before EM/caption metrics (upstream compares with raw ones)")
+    g.add_argument("--scanqa-ref-overwrite", action="store_true",
+                   help="reproduce upstream's ScanQA bug: references cleaned, then overwritten by the raw ones, so EM "
+                        "and caption metrics compare a cleaned prediction with raw references (set by --compat fast3d)")
+    g.add_argument("--compat", default=None, choices=("fast3d",),
+                   help="fast3d: the authors' semantics exactly: --preset fast3d (identity object ids, eager attention) "
+                        "+ key masking with per-step re-selection from beam 0 (shared.methods.fast3d_compat; no compute "
+                        "saved) + upstream's ScanQA reference bug. Only the canonical mode (default) saves compute")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="run directory (results, summary.json, table.md/.csv)")
@@ -174,7 +183,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = [t for t in args.object_scores_files if t not in args.tasks]
     if bad:
         parser.error(f"--object-scores: {bad} are not among --tasks {args.tasks}")
+    if (args.gap_checkpoint is None) != (args.roberta is None):
+        parser.error("--gap-checkpoint/--roberta: give both (the GAP checkpoint and the local roberta-base folder)")
+    if args.gap_checkpoint and args.object_scores_files:
+        parser.error("--gap-checkpoint/--object-scores: give one source of Fast3D's object scores")
+    if args.compat == "fast3d":
+        if args.preset not in (None, "fast3d"):
+            parser.error(f"--compat fast3d: runs Fast3D's protocol; --preset {args.preset} contradicts it")
+        args.preset = "fast3d"
+        args.scanqa_ref_overwrite = True
     args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
+    if args.compat:
+        args.protocol = f"compat-{args.compat}" + ("*" if args.protocol.endswith("*") else "")
     return args
 
 
@@ -419,13 +439,13 @@ class ChatSceneTask(evalkit.Benchmark):
 
     def __init__(self, task: str, dataset: Any, collate: Callable, model: Any, methods: Sequence[Any],
                  host_options: Dict[str, Any], device: Any, seed: int, limit: Optional[int],
-                 identity_object_ids: bool = False, scanqa_clean_refs: bool = False,
+                 identity_object_ids: bool = False, scanqa_ref_overwrite: bool = False,
                  anno_root: Optional[str] = None) -> None:
         self.name, self.title = task, TITLES[task]
         self.dataset, self.collate, self.model = dataset, collate, model
         self.methods, self.host_options = list(methods), dict(host_options)
         self.device, self.seed, self.limit = device, seed, limit
-        self.identity_object_ids, self.scanqa_clean_refs, self.anno_root = identity_object_ids, scanqa_clean_refs, anno_root
+        self.identity_object_ids, self.scanqa_ref_overwrite, self.anno_root = identity_object_ids, scanqa_ref_overwrite, anno_root
         self.host_options.setdefault("sample_keys", sample_key)
         self.scorers: Optional[CaptionScorers] = None  # set by run(): one METEOR JVM for every benchmark
 
@@ -465,11 +485,15 @@ class ChatSceneTask(evalkit.Benchmark):
                                "patched? (scripts/apply_patches.sh Chat-Scene)")
         rec = {evalkit.KEY: job.keys[0], "index": index, **prediction_record(batch, preds[0]),
                "assigned_ids": [int(v) for v in batch["assigned_ids"][0].tolist()]}
+        info = session.last.info[0] if session.last.info else {}
+        if info:  # what the method decided (Fast3D: objects kept, budget, GAP seconds; timed inside `seconds`)
+            rec["selection"] = {k: (float(v) if isinstance(v, float) else v) for k, v in info.items()
+                                if isinstance(v, (int, float, str, bool))}
         return evalkit.JobOutput([rec], _Prefill(session.last), seconds)
 
     def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, Any]:
         files = getattr(self.dataset, "ann_list", None)
-        return task_metrics(self.name, records, self.anno_root, files[2] if files else None, self.scanqa_clean_refs,
+        return task_metrics(self.name, records, self.anno_root, files[2] if files else None, self.scanqa_ref_overwrite,
                             self.scorers)
 
 
@@ -505,7 +529,7 @@ class CaptionScorers:
 
 
 def task_metrics(task: str, records: Sequence[Dict[str, Any]], anno_root: Optional[str],
-                 instance_attributes: Optional[str] = None, scanqa_clean_refs: bool = False,
+                 instance_attributes: Optional[str] = None, scanqa_ref_overwrite: bool = False,
                  scorers: Optional[CaptionScorers] = None) -> Dict[str, Any]:
     """Chat-Scene's ``utils/eval.py`` score of ``task`` (``shared.metrics.chat_scene``) on the records, in
     percent, with Chat-Scene's keys (``[scanrefer] Acc@0.50``, ...). The files ``utils/eval.py`` reads under
@@ -527,7 +551,7 @@ def task_metrics(task: str, records: Sequence[Dict[str, Any]], anno_root: Option
         elif task == "scan2cap":
             scores = m.score_scan2cap(preds, inst, gt, at(m.SCAN2CAP_CORPUS), scorers=holder.get())
         elif task == "scanqa":
-            scores = m.score_scanqa(preds, scorers=holder.get(), compat_ref_overwrite=not scanqa_clean_refs)
+            scores = m.score_scanqa(preds, scorers=holder.get(), compat_ref_overwrite=scanqa_ref_overwrite)
         elif task == "sqa3d":
             scores = m.score_sqa3d(preds, scorers=holder.get())
         else:
@@ -559,11 +583,99 @@ def table(summaries: Sequence[Dict[str, Any]]):
             row += [evalkit.fmt(m.get(k), 2) for _, k in COLUMNS[t]]
         rows.append(row)
     notes = [
-        "metrics: Chat-Scene's utils/eval.py (shared.metrics.chat_scene), percent; ScanQA references raw as upstream "
-        "unless the run used --scanqa-clean-refs",
+        "metrics: Chat-Scene's utils/eval.py (shared.metrics.chat_scene), percent; ScanQA references cleaned, or raw "
+        "as upstream's bug under --scanqa-ref-overwrite / --compat fast3d (protocol column)",
         "pruned %: visual tokens removed, averaged over decoder layers and samples (Fast3D's ratio, 1 - N_avg / 300)",
         "N_avg: visual tokens per decoder layer (mean); TFLOPs: prefill, FastV convention, at the measured counts",
         "object ids: random = Chat-Scene's per-sample slot permutation (seeded per annotation), identity = Fast3D's",
+    ]
+    return header, rows, notes
+
+
+#: Fast3D README headline columns: (heading, benchmark, metric key, paper_figures column)
+FAST3D_COLUMNS = (
+    ("ScanRefer Acc@0.5", "scanrefer", "[scanrefer] Acc@0.50", "scanrefer_acc50"),
+    ("Multi3dRefer F1@0.5", "multi3dref", "[multi3dref] all F1@0.50", "multi3dref_f1_50"),
+    ("Scan2Cap B-4@0.5", "scan2cap", "[scan2cap] Bleu_4@0.50", "scan2cap_b4_50"),
+    ("ScanQA B-4", "scanqa", "[scanqa] Bleu_4", "scanqa_b4"),
+    ("SQA3D EM-R", "sqa3d", "[sqa3d] EM1_refined", "sqa3d_emr"),
+)
+
+
+def paper_row(settings: Dict[str, Any]) -> Optional[Dict[str, str]]:
+    """The Fast3D README row of the same configuration (vanilla, FastV/GAP at K/R, GAP+SAP), or None."""
+    from shared import paper_figures
+
+    rows = paper_figures.load("fast3d_scores")
+    methods = list(settings.get("methods") or [])
+    if not methods:
+        return next(r for r in rows if r["method"] == "vanilla")
+    if len(methods) != 1:
+        return None
+    m = methods[0]
+    name, params = m.get("name"), m
+    kind = {"fastv": "fastv", "fast3d": "fast3d-gap+sap" if params.get("alpha") is not None else "fast3d-gap"}.get(name)
+    for r in rows:
+        if r["method"] != kind:
+            continue
+        if kind == "fast3d-gap+sap" or (str(params.get("layer")) == r["k"] and str(params.get("keep")) == r["r"]):
+            return r
+    return None
+
+
+def per_sample_pruning(run_dir: Path) -> Optional[Dict[str, float]]:
+    """Min / max over the run's records of the per-sample pruning ratio (percent), or None."""
+    vals = []
+    for f in sorted(Path(run_dir).glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("pruning_ratio") is not None:
+                vals.append(100.0 * float(r["pruning_ratio"]))
+    return {"min": min(vals), "max": max(vals)} if vals else None
+
+
+def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Sequence[Optional[Dict[str, float]]]] = None):
+    """Fast3D's README layout: the five headline metrics and the Score Ratio (mean of metric / vanilla) of
+    each run against OUR vanilla run (the run without a method; needs one among ``summaries``), each row
+    followed by the README's own figures for the same configuration (Score Ratio recomputed from them),
+    plus the efficiency columns: pruned % (layer-averaged), the per-sample pruning-ratio range (SAP),
+    prefill TFLOPs and the measured seconds per sample (GAP included: it runs inside the forward)."""
+    from shared.apps.paper_tables import score_ratio
+
+    def headline(s: Dict[str, Any]) -> Dict[str, Optional[float]]:
+        out = {}
+        for _, task, key, col in FAST3D_COLUMNS:
+            v = ((s["benchmarks"].get(task) or {}).get("metrics") or {}).get(key)
+            out[col] = None if v is None else float(v)
+        return out
+
+    vanilla = [s for s in summaries if not (s["settings"].get("methods") or [])]
+    base = headline(vanilla[0]) if vanilla else None
+    paper_vanilla = next(r for r in __import__("shared").paper_figures.load("fast3d_scores") if r["method"] == "vanilla")
+    header = ["method", "protocol"] + [c[0] for c in FAST3D_COLUMNS] + [
+        "Score Ratio %", "pruned %", "per-sample pruned %", "TFLOPs", "s/sample"]
+    rows = []
+    for i, s in enumerate(summaries):
+        h = headline(s)
+        eff, st = s["efficiency"], s["settings"]
+        ok = base is not None and all(h[c] is not None and base[c] for c in h)
+        ratio = score_ratio(h, base) if ok else None
+        per = (per_sample[i] if per_sample is not None else None) or {}
+        span = f"{per['min']:.1f}-{per['max']:.1f}" if per else "—"
+        rows.append([st["label"], st["protocol"]] + [evalkit.fmt(h[c[3]], 2) for c in FAST3D_COLUMNS] + [
+            evalkit.fmt(ratio, 2), evalkit.fmt(None if eff.get("pruning_ratio") is None else 100 * eff["pruning_ratio"], 1),
+            span, evalkit.fmt(eff.get("tflops"), 3), evalkit.fmt(eff.get("seconds"), 3)])
+        paper = paper_row(st)
+        if paper is not None:
+            rows.append([f"  Fast3D README: {paper['label']}", "paper"] + [paper[c[3]] for c in FAST3D_COLUMNS] + [
+                f"{score_ratio(paper, paper_vanilla):.2f}", "", "", "", ""])
+    notes = [
+        "Score Ratio: mean over the five metrics of run / our vanilla run (README rows: / the README's Chat-Scene row, "
+        "recomputed from its figures)" + ("" if base is not None else "; no vanilla run given, so none is computed"),
+        "pruned %: 1 - N_avg / 300 over decoder layers and samples (the README's ratio); per-sample pruned %: min-max "
+        "over samples (SAP's adaptive budget)",
+        "s/sample: measured wall time of Chat3D.evaluate per annotation (beam 5 generation), GAP included",
+        "canonical rows drop tokens at prefill; compat rows (protocol compat-fast3d) mask keys and save no compute",
     ]
     return header, rows, notes
 
@@ -579,10 +691,26 @@ def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims
         "attn_implementation": args.attn_implementation, "llm_dtype": args.llm_dtype, "limit": args.limit,
         "seed": args.seed, "identity_object_ids": args.identity_object_ids,
         "object_scores": {t: os.path.abspath(p) for t, p in sorted(args.object_scores_files.items())},
-        "scores_field": args.scores_field, "scanqa_clean_refs": args.scanqa_clean_refs, "methods": evalkit.method_settings(methods),
+        "gap_checkpoint": ab(getattr(args, "gap_checkpoint", None)), "roberta": ab(getattr(args, "roberta", None)),
+        "scores_field": args.scores_field, "scanqa_ref_overwrite": args.scanqa_ref_overwrite, "compat": args.compat, "methods": evalkit.method_settings(methods),
         "label": "Chat-Scene" + ("" if not methods else " + " + evalkit.method_label(methods)),
         "protocol": args.protocol, "dims": [dims.hidden, dims.intermediate, dims.layers, dims.heads],
     }
+
+
+def with_gap_scorer(methods: Sequence[Any], checkpoint: str, roberta: str, device: Any) -> List[Any]:
+    """The Fast3D methods given an online GAP scorer (``shared.methods.fast3d_gap``) loaded from a local
+    checkpoint and RoBERTa folder; refuses a run without a Fast3D method."""
+    import dataclasses
+
+    from shared.methods.fast3d import Fast3D
+    from shared.methods.fast3d_gap import GapScorer, load_gap
+
+    if not any(isinstance(m, Fast3D) for m in methods):
+        raise ValueError("gap_checkpoint: GAP scores only Fast3D; add --method fast3d")
+    model, tokenizer = load_gap(checkpoint, roberta, device=device)
+    scorer = GapScorer(model.eval(), tokenizer)
+    return [dataclasses.replace(m, scorer=scorer) if isinstance(m, Fast3D) else m for m in methods]
 
 
 def host_options(args: argparse.Namespace, task: str, dataset: Any) -> Dict[str, Any]:
@@ -600,11 +728,17 @@ def run(args: argparse.Namespace, model: Any, make_dataset: Callable[[str], Any]
     """Evaluate every ``--tasks`` benchmark on this rank's shard; on a single process (or with
     ``--merge-only``) merge and write summary.json / preds_<task>.json / table.md / table.csv."""
     methods = evalkit.methods_from_args(args)
+    if getattr(args, "gap_checkpoint", None) and not args.merge_only:
+        methods = with_gap_scorer(methods, args.gap_checkpoint, args.roberta, device)
+    if getattr(args, "compat", None) == "fast3d":
+        from shared.methods.fast3d_compat import compat
+
+        methods = [compat(m) if getattr(m, "stage", "") == "llm" else m for m in methods]
     dims = llm_dims(args.llm)
     datasets = {t: make_dataset(t) for t in args.tasks}  # every benchmark loads (and is checked) before the model runs
     benches = [ChatSceneTask(t, datasets[t], collate, model, methods,
                              host_options(args, t, datasets[t]) if not args.merge_only else {}, device, args.seed, args.limit,
-                             args.identity_object_ids, args.scanqa_clean_refs, args.anno_root) for t in args.tasks]
+                             args.identity_object_ids, args.scanqa_ref_overwrite, args.anno_root) for t in args.tasks]
     runner = evalkit.Run(args.out, settings(args, methods, dims), benches, evalkit.Accounting(dims, "fastv"),
                          on_error=args.on_error, progress=not args.no_progress, env=env)
     runner.prepare()
@@ -675,6 +809,8 @@ def main_table(argv: Sequence[str]) -> None:
         summaries.append(json.loads(f.read_text(encoding="utf-8")))
     header, rows, notes = table(summaries)
     print(evalkit.write_table(header, rows, notes, Path(a.out)))
+    header, rows, notes = fast3d_table(summaries, [per_sample_pruning(Path(d)) for d in a.runs])
+    print(evalkit.write_table(header, rows, notes, Path(str(a.out) + "_fast3d")))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -99,7 +99,8 @@ def describe(method: Any) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
         if default is dataclasses.MISSING or v != default:
-            fields.append(f"{f.name}={v!r}")
+            j = _jsonable(v)
+            fields.append(f"{f.name}={j}" if isinstance(j, str) and j.startswith("<") else f"{f.name}={v!r}")
     return f"{type(method).__name__}({', '.join(fields)})"
 
 
@@ -107,12 +108,26 @@ def method_label(methods: Sequence[Any]) -> str:
     return " + ".join(describe(m) for m in methods) if methods else "unpruned"
 
 
+def _jsonable(v: Any) -> Any:
+    """A field value for run.json: tuples as lists; objects (e.g. Fast3D's online GAP scorer) by class name
+    (the driver records what they were built from, e.g. the GAP checkpoint path)."""
+    if isinstance(v, tuple):
+        v = list(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return f"<{type(v).__name__}>"
+
+
 def method_settings(methods: Sequence[Any]) -> List[Dict[str, Any]]:
     """JSON-able description of the methods (for run.json): name and every field."""
     out = []
     for m in methods:
         fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
-        out.append({"name": m.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}})
+        out.append({"name": m.name, **{k: _jsonable(v) for k, v in fields.items()}})
     return out
 
 

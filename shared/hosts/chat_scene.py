@@ -14,7 +14,7 @@ The patch series adds two annotated calls into this module, each a no-op unless 
 
 Options: ``object_scores`` (per-object scores given per sample: a mapping sample key → (n,) tensor,
 or a callable ``key -> tensor``; e.g. GAP predictions from a file), ``sample_keys`` (a callable
-``(batch_kwargs, i) -> key``; default ``"{scene_id}|{obj_id}|{qid}"``).
+``(batch_kwargs, i) -> key``; default ``"{scene_id}|{qid}|{sha1(prompt)[:16]}"``).
 """
 from __future__ import annotations
 
@@ -27,16 +27,17 @@ from torch import nn
 from .base import HostAdapter, register_host, session_of
 
 
-def default_key(batch: Mapping[str, Any], i: int) -> str:
-    """A stable per-sample key from Chat-Scene's eval batch: ``"{scene_id}|{obj_id}|{qid}"``."""
+def default_key(batch: Mapping[str, Any], i: int, prompt: str) -> str:
+    """A per-sample key from Chat-Scene's eval batch: ``"{scene_id}|{qid}|{sha1(prompt)[:16]}"``
+    (``evaluate`` does not pass ``obj_ids`` on; eval drivers give their own keys via ``sample_keys``)."""
+    import hashlib
+
     scene = batch.get("scene_id")
-    obj = batch.get("obj_ids")
     qid = batch.get("qid")
     if scene is None:
         raise ValueError("sample_keys: the batch has no scene_id; pass sample_keys=callable(batch, i) -> key")
-    o = int(obj[i]) if obj is not None else 0
     q = qid[i] if qid is not None else 0
-    return f"{scene[i]}|{o}|{q}"
+    return f"{scene[i]}|{q}|{hashlib.sha1(prompt.encode()).hexdigest()[:16]}"
 
 
 def inner_llama(model: nn.Module) -> nn.Module:
@@ -144,8 +145,7 @@ def publish_objects(
     if slots == 0 or vis_len % slots:
         raise ValueError(f"vis_len: {vis_len} object tokens are not whole groups over {slots} object slots")
     group = vis_len // slots
-    key_fn = host.opts["sample_keys"] or default_key
-    key = str(key_fn(batch, i))
+    key = str(host.opts["sample_keys"](batch, i)) if host.opts["sample_keys"] else default_key(batch, i, prompt)
     inputs: Dict[str, Any] = {
         "group": group,
         "slot_to_object": assigned_ids.detach().cpu().long(),

@@ -153,7 +153,8 @@ def gap_logits(model: GAPNet, tokenizer: Any, prompts: Sequence[str], obj_feats:
 class GapScorer:
     """Online GAP for one sample, the ``scorer`` of ``shared.methods.fast3d.Fast3D``: called with the
     Chat-Scene host's ``gap_inputs`` — prompt (str), obj_feats (n_obj, 1024), obj_img_feats (n_obj, 1024),
-    locs (n_obj, 6) — it returns (n_obj,) float32 logits (``gap_logits`` on a batch of one)."""
+    locs (n ≤ n_obj, 6; missing objects get zero boxes, ``pad_boxes``) — it returns (n_obj,) float32 logits
+    (``gap_logits`` on a batch of one)."""
 
     def __init__(self, model: GAPNet, tokenizer: Any) -> None:
         self.model = model
@@ -163,7 +164,22 @@ class GapScorer:
                  locs: torch.Tensor) -> torch.Tensor:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: expected the sample's raw prompt (str), got {type(prompt).__name__}")
+        locs = pad_boxes(locs, obj_feats.shape[0])
         return gap_logits(self.model, self.tokenizer, [prompt], obj_feats[None], obj_img_feats[None], locs[None])[0]
+
+
+def pad_boxes(locs: torch.Tensor, n_obj: int) -> torch.Tensor:
+    """Chat-Scene's ``scene_locs`` hold one box per Mask3D instance (min(n, max_obj_num) rows) while its
+    features are zero-padded to ``max_obj_num`` rows: give the missing objects zero boxes as well, the same
+    treatment. locs: (n, 6) with n <= n_obj. Returns (n_obj, 6); more rows than objects are refused."""
+    if locs.dim() != 2 or locs.shape[1] != 6:
+        raise ValueError(f"locs: expected (n, 6) boxes (centre + size), got {tuple(locs.shape)}")
+    n = locs.shape[0]
+    if n > n_obj:
+        raise ValueError(f"locs: {n} boxes for {n_obj} object slots")
+    if n == n_obj:
+        return locs
+    return torch.cat([locs, locs.new_zeros(n_obj - n, 6)])
 
 
 def _local_dir(param: str, path: Union[str, os.PathLike]) -> str:

@@ -566,3 +566,172 @@ def test_help_needs_no_gpu_and_no_checkout():
     r = subprocess.run(["bash", str(upstream.ROOT / "eval" / "Chat-Scene" / "eval.sh"), "scanrefer", "--out", "x"],
                        capture_output=True, text=True, env=e, timeout=120)
     assert r.returncode == 1 and "no GPU" in r.stderr
+
+
+# ------------------------------------------------------------------------ pruning on the real host
+def _session_answer(env: Env, methods, task: str, index: int, identity: bool = False, **options):
+    """Chat3D.evaluate on one annotation inside ``shared.prune(model, *methods, host="chat_scene")``."""
+    import shared
+
+    bench = env.drv.ChatSceneTask(task, env.make_dataset(task), env.collate, env.model, [], {}, "cpu", 42, None,
+                                  identity)
+    batch = bench.batch(index)
+    log = GenerateLog(env.model)
+    try:
+        with torch.no_grad(), shared.prune(env.model, *methods, host="chat_scene", **options) as session:
+            pred = env.model(**batch, is_eval=True)[0]
+    finally:
+        log.close()
+    return batch, pred, log.calls[0], session
+
+
+@pytest.mark.parametrize("label", [label for label, _ in __import__("shared.apps.matrix", fromlist=["ROWS"]).ROWS])
+def test_matrix_cell_on_chat_scene(env, label):
+    """Each row of ``python -m shared.apps.matrix`` on the real patched Chat-Scene (beam 5): a ✔ cell keeping
+    every visual token generates exactly what Chat3D generates without a session, and a pruning config
+    follows its schedule on every beam row; a ✘ cell is refused naming the need."""
+    from dataclasses import replace
+
+    import shared
+    from shared.apps import matrix
+    from shared.needs import MissingNeed
+
+    method = dict(matrix.ROWS)[label]
+    cell = matrix.cell(method, "chat_scene")
+    if cell.startswith("✘"):
+        need = cell[2:].split(",")[0]
+        with pytest.raises(MissingNeed, match=rf"^method: {method.name} needs .*'{need}'.*host 'chat_scene'"):
+            with shared.prune(env.model, method, host="chat_scene"):
+                pass
+        return
+    n = 3 * OBJ
+    scores = {"object_scores": lambda key: torch.linspace(-1, 1, OBJ).roll(len(key) % OBJ)}
+    full = {"fastv": lambda m: replace(m, keep=None, keep_ratio=1.0), "random": lambda m: replace(m, keep=None, keep_ratio=1.0),
+            "pdrop": lambda m: replace(m, ratio=1.0), "fast3d": lambda m: replace(m, keep=n),
+            "lvlm_csp": lambda m: replace(m, cluster_tokens=n, prune_tokens=n)}[method.name](method)
+    small = replace(method, cluster_tokens=12, prune_tokens=6) if method.name == "lvlm_csp" else method
+    batch, stock, _ = answer(env, env.model, "scanqa", 1)
+    _, pred, call, session = _session_answer(env, [full], "scanqa", 1, **scores)
+    assert pred == stock, f"{label}: keeping every object token changed the answer"
+    assert session.last.stats.visual.shape[0] == 5  # one row per beam
+    _, _, _, session = _session_answer(env, [small], "scanqa", 1, **scores)
+    vis = session.last.stats.visual
+    layers = vis.shape[1]
+    want = small.schedule(n, layers, int(vis[0, 0])) if method.name == "lvlm_csp" else small.schedule(n, layers)
+    assert all(row.tolist() == want for row in vis)
+
+
+def test_canonical_fast3d_equals_key_masking_of_the_same_objects(env):
+    """Physical dropping (canonical Fast3D: the pruned tokens leave the sequence at layer K, KV cache and
+    5 beams) and the authors' key masking with the same static object selection (compat oracle rule: every
+    token computed, pruned keys masked from layer K) are two mechanisms for one computation on the kept
+    tokens: Chat3D.evaluate generates the same answer under both, for K = 0 (SAP) and K = 2; compat
+    records full compute, canonical the drop."""
+    from shared import Fast3D
+    from shared.methods.fast3d_compat import compat
+
+    gen = torch.Generator().manual_seed(11)
+    table = {}
+
+    def scores(key):
+        if key not in table:
+            table[key] = torch.randn(OBJ, generator=gen)
+        return table[key]
+
+    n = 3 * OBJ
+    for method in (Fast3D(layer=0, alpha=0.5), Fast3D(layer=2, keep=12)):
+        for task, index in (("scanqa", 0), ("scanrefer", 2), ("sqa3d", 1)):
+            _, canon, _, s1 = _session_answer(env, [method], task, index, identity=True, object_scores=scores)
+            _, masked, _, s2 = _session_answer(env, [compat(method)], task, index, identity=True, object_scores=scores)
+            assert canon == masked, f"{method} on {task}:{index}: {canon!r} vs {masked!r}"
+            kept = s1.last.info[0]["budget"]
+            layers = s1.last.stats.visual.shape[1]
+            assert s1.last.stats.visual[0].tolist() == [n] * method.layer + [kept] * (layers - method.layer)
+            assert s2.last.stats.visual[0].tolist() == [n] * layers  # compat saves nothing
+            if method.alpha is not None:
+                from shared.methods.fast3d import sap_object_counts
+
+                key = s1.last.host["key"]
+                assert kept == 3 * int(sap_object_counts(scores(key), 0.5))
+
+
+def test_compat_and_online_gap_through_the_driver(env, tmp_path):
+    """``--compat fast3d`` (the authors' semantics) gives the canonical run's answers for a static GAP
+    selection under Fast3D's protocol while computing every token; ``--gap-checkpoint`` runs a GAP network
+    online inside each sample's forward and keeps its top objects; the Fast3D-layout table puts Score
+    Ratios against our vanilla run and the README's rows side by side."""
+    from tests.fast3d_tiny import tiny_gap_config, write_roberta
+
+    from shared.methods.fast3d_gap import GAPNet, GapScorer, load_gap, load_text_encoder
+
+    gen = torch.Generator().manual_seed(3)
+    files = {}
+    for t in FAST:
+        files[t] = tmp_path / f"infer_attn_maps_val_{t}.pt"
+        torch.save([{"a_map": torch.randn(OBJ, generator=gen)} for _ in range(env.data.counts[t])], files[t])
+    flags = ("--method", "fast3d", "--method-args", "layer=1", "keep=9",
+             "--object-scores", *[f"{t}={p}" for t, p in files.items()])
+    canon = run_driver(env, "fast3d-preset", *flags, "--preset", "fast3d", limit=3)
+    comp = run_driver(env, "fast3d-compat", *flags, "--compat", "fast3d", limit=3)
+    assert comp.summary["settings"]["protocol"] == "compat-fast3d"
+    assert comp.summary["settings"]["scanqa_ref_overwrite"] is True
+    for t in FAST:
+        assert [r["pred"] for r in comp.records[t]] == [r["pred"] for r in canon.records[t]]
+        assert all(r["visual_per_layer"] == [3 * OBJ] * 4 for r in comp.records[t])
+        assert all(r["visual_per_layer"] == [3 * OBJ, 9, 9, 9] for r in canon.records[t])
+
+    # online GAP: a tiny random GAP over the scene's 1024-d features, RoBERTa from a local folder
+    rob = write_roberta(str(tmp_path / "roberta"))
+    enc, tok = load_text_encoder(rob)
+    torch.manual_seed(0)
+    net = GAPNet(tiny_gap_config(n_obj=OBJ, feat=1024, img=1024), enc).eval()
+    ckpt = tmp_path / "gap.pth"
+    torch.save({"model_state_dict": net.state_dict(), "gap_config": net.config.to_dict()}, ckpt)
+    online = run_driver(env, "fast3d-gap", "--method", "fast3d", "--method-args", "layer=0", "alpha=0.4",
+                        "--gap-checkpoint", str(ckpt), "--roberta", rob, limit=2)
+    scorer = GapScorer(*load_gap(ckpt, rob))
+    calls = iter(online.calls)
+    for t in FAST:
+        for rec in online.records[t]:
+            call = next(calls)
+            b = call["batch"]
+            logits = scorer(b["custom_prompt"][0], b["scene_feat"][0], b["scene_img_feat"][0], b["scene_locs"][0])
+            from shared.methods.fast3d import sap_object_counts
+
+            k = int(sap_object_counts(logits, 0.4))
+            assert rec["selection"]["scores_from"] == "gap" and rec["selection"]["objects_kept"] == k
+            assert rec["visual_per_layer"] == [3 * k] * 4 and rec["selection"]["gap_seconds"] > 0
+            by_slot = logits[torch.tensor(rec["assigned_ids"])]
+            top = sorted(int(s) for s in torch.sort(by_slot, descending=True, stable=True).indices[:k])
+            start = len(env.model.p_0_embed)
+            assert call["record"].stats.stages[-1][1][0].tolist() == [start + 3 * s + g for s in top for g in range(3)]
+    assert online.summary["settings"]["gap_checkpoint"] == str(ckpt.resolve())
+
+    vanilla = run_driver(env, "vanilla-fast-3", limit=3)
+    header, rows, notes = env.drv.fast3d_table([vanilla.summary, canon.summary, comp.summary],
+                                               [env.drv.per_sample_pruning(r.out) for r in (vanilla, canon, comp)])
+    assert header[2:7] == ["ScanRefer Acc@0.5", "Multi3dRefer F1@0.5", "Scan2Cap B-4@0.5", "ScanQA B-4", "SQA3D EM-R"]
+    assert rows[0][0] == "Chat-Scene" and rows[1][0].startswith("  Fast3D README: Chat-Scene")
+    assert rows[1][7] == "100.00"  # the README's vanilla against itself
+    # FAST runs have no Scan2Cap/ScanQA/SQA3D: no Score Ratio is claimed for them
+    assert rows[0][7] == "–" and "no vanilla" not in notes[0]
+    assert "scorer=<GapScorer>" in online.summary["settings"]["label"]
+
+
+def test_fast3d_table_score_ratio_against_our_vanilla(env):
+    """Score Ratio of a run against our vanilla run, on summaries of a real five-benchmark run whose headline
+    metrics are set to the README's Chat-Scene and "FastV 35%" figures: 99.74, as the README prints."""
+    import copy
+
+    from shared import paper_figures
+
+    readme = {r["row"]: r for r in paper_figures.load("fast3d_scores")}
+    vanilla = copy.deepcopy(run_driver(env, "vanilla", tasks=("all",)).summary)
+    fastv = copy.deepcopy(vanilla)
+    for _, task, key, col in env.drv.FAST3D_COLUMNS:
+        vanilla["benchmarks"][task]["metrics"][key] = float(readme["chatscene_vanilla"][col])
+        fastv["benchmarks"][task]["metrics"][key] = float(readme["fastv_35"][col])
+    fastv["settings"]["methods"] = [{"name": "fastv", "layer": 16, "keep": 90, "keep_ratio": None}]
+    _, rows, _ = env.drv.fast3d_table([vanilla, fastv])
+    assert [r[7] for r in rows] == ["100.00", "100.00", "99.74", "99.74"]
+    assert rows[3][0] == "  Fast3D README: w/ FastV 35%"
