@@ -97,3 +97,33 @@ def test_deterministic_and_refusals(tmp_path):
         syn.write_chat_scene_annotations(tmp_path / "x", gt_objects=1)
     with pytest.raises(ValueError, match=r"^feat_dim: expected an int >= 1"):
         syn.write_chat_scene_annotations(tmp_path / "x", feat_dim=0)
+
+
+def test_train_files_carry_captions_and_leave_the_val_files_unchanged(tmp_path):
+    import hashlib
+    import re
+
+    from shared.datasets.chat_scene_synthetic import TRAIN_ANNOTATIONS, TRAIN_INSTANCE_ATTRIBUTES
+
+    write_chat_scene_annotations = syn.write_chat_scene_annotations
+    plain = write_chat_scene_annotations(tmp_path / "a", seed=3)
+    data = write_chat_scene_annotations(tmp_path / "b", seed=3, train_per_task=2)
+    again = write_chat_scene_annotations(tmp_path / "c", seed=3, train_per_task=2)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    for f in plain.root.iterdir():  # the val files do not depend on the training files
+        assert digest(f) == digest(data.root / f.name)
+    assert plain.train_counts == {} and data.train_counts == {t: 2 * len(data.scenes) for t in TRAIN_ANNOTATIONS}
+    attrs = torch.load(data.root / TRAIN_INSTANCE_ATTRIBUTES)
+    for task, name in TRAIN_ANNOTATIONS.items():
+        assert digest(data.root / name) == digest(again.root / name)
+        annos = json.loads((data.root / name).read_text())
+        for a in annos:
+            assert {"scene_id", "obj_id", "prompt", "caption"} <= set(a) and "ref_captions" not in a
+            n = len(attrs[a["scene_id"]]["locs"])
+            assert all(int(i) < n for i in re.findall(r"<OBJ(\d{3})>", a["prompt"] + a["caption"]))
+        if task == "scanrefer":
+            assert all(re.fullmatch(r"<OBJ\d{3}>\.", a["caption"]) and a["caption"] == f"<OBJ{a['obj_id']:03}>." for a in annos)
+        if task in ("scanqa", "sqa3d"):
+            assert all(a["caption"][0].isupper() and a["caption"].endswith(".") for a in annos)
+    with pytest.raises(ValueError, match=r"^train_per_task: expected an int >= 0"):
+        write_chat_scene_annotations(tmp_path / "d", train_per_task=-1)

@@ -4,6 +4,8 @@
 # Usage:
 #   eval/Chat-Scene/eval.sh <scanrefer|multi3dref|scan2cap|scanqa|sqa3d|all> --llm <vicuna-7b-v1.5> \
 #       --ckpt <ckpt_01_3446.pth> --anno-root <annotations> --out <run dir> [eval_chatscene.py options]
+#   eval/Chat-Scene/eval.sh targets --tasks <...|all> --split <train|val> --llm ... --ckpt ... --anno-root ... \
+#       --out <targets dir> [--preset fast3d] [--chunk 64]     GAP training targets from the frozen LLM
 #   eval/Chat-Scene/eval.sh --help      this text and eval_chatscene.py's options (no GPU, no checkout needed)
 #
 # The first argument picks the benchmark (several: "scanrefer,scanqa"; all: the five). Runs
@@ -33,23 +35,40 @@ for a in "$@"; do
     if [[ "$a" == "--help" || "$a" == "-h" ]]; then
         sed -n '2,/^set -euo pipefail$/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
         echo
+        if [[ "${1:-}" == "targets" ]]; then
+            echo "Options of $DRIVER targets (passed through):"
+            exec "$PY" "$DRIVER" targets --help
+        fi
         echo "Options of $DRIVER (passed through):"
         exec "$PY" "$DRIVER" --help
     fi
 done
 
-if [[ $# -lt 1 || "$1" == -* ]]; then
+SUB=()
+if [[ "${1:-}" == "targets" ]]; then
+    # eval_chatscene.py targets on every GPU, then the rank files merged; rerunning resumes (same NGPUS)
+    SUB=(targets)
+    shift
+    for a in "$@"; do
+        if [[ "$a" == "--merge-only" ]]; then
+            echo "eval.sh: $a is set by this script; call eval_chatscene.py targets directly for it" >&2
+            exit 2
+        fi
+    done
+elif [[ $# -lt 1 || "$1" == -* ]]; then
     echo "eval.sh: the first argument is the benchmark: scanrefer, multi3dref, scan2cap, scanqa, sqa3d or all" >&2
     exit 2
 fi
-TASKS="${1//,/ }"
-shift
-for a in "$@"; do
-    if [[ "$a" == "--merge-only" || "$a" == "--tasks" ]]; then
-        echo "eval.sh: $a is set by this script; call eval_chatscene.py directly for it" >&2
-        exit 2
-    fi
-done
+if [[ ${#SUB[@]} -eq 0 ]]; then
+    TASKS="${1//,/ }"
+    shift
+    for a in "$@"; do
+        if [[ "$a" == "--merge-only" || "$a" == "--tasks" ]]; then
+            echo "eval.sh: $a is set by this script; call eval_chatscene.py directly for it" >&2
+            exit 2
+        fi
+    done
+fi
 
 if [[ -z "${NGPUS:-}" ]]; then
     if command -v nvidia-smi >/dev/null 2>&1; then
@@ -61,6 +80,16 @@ fi
 if [[ "$NGPUS" -lt 1 ]]; then
     echo "eval.sh: no GPU found (a 7B Chat-Scene needs one); set NGPUS if nvidia-smi is missing" >&2
     exit 1
+fi
+
+if [[ ${#SUB[@]} -gt 0 ]]; then
+    if [[ "$NGPUS" -gt 1 ]]; then
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" "$DRIVER" targets "$@"
+        "$PY" "$DRIVER" targets "$@" --merge-only
+    else
+        "$PY" "$DRIVER" targets "$@"
+    fi
+    exit 0
 fi
 
 # shellcheck disable=SC2086

@@ -26,6 +26,13 @@ from the session's records, FastV/Fast3D FLOPs convention, Fast3D's layer-averag
     python eval/Chat-Scene/eval_chatscene.py --tasks scanrefer ... --out out/gap --preset fast3d --method fast3d \
         --method-args layer=2 keep=15 --object-scores scanrefer=infer_attn_maps_val_scanrefer.pt
     python eval/Chat-Scene/eval_chatscene.py table --runs out/vanilla out/fastv --out out/table
+    python eval/Chat-Scene/eval_chatscene.py targets --tasks all --split train --llm llm/vicuna-7b-v1.5 \
+        --ckpt ckpt/ckpt_01_3446.pth --anno-root annotations --out out/targets [--preset fast3d] [--chunk 64]
+
+``targets`` writes GAP's training targets (Fast3D's ``extract_attn_maps``) from the frozen LLM:
+``<out>/infer_attn_maps_<split>_<task>.pt``, a list of ``{key, index, a_map, a_map_ori}`` in object order
+(see ``target_sample`` / ``teacher_forced_input`` / ``object_targets``); resumable, one file per rank under
+torchrun, merged by ``--merge-only``.
 
 ``--preset fast3d`` is Fast3D's protocol: identity object ids and eager attention (its README numbers
 also come from its transformers 4.31 fork, which this does not use). ``--object-scores TASK=PATH`` hands the
@@ -109,8 +116,9 @@ def expand_tasks(tasks: Sequence[str]) -> List[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
+    """The model and data flags (Chat-Scene's config, checkpoint, LLM loading, seed), shared by the commands
+    (``generation``: also ``--max-new-tokens``)."""
     g = p.add_argument_group("model and data (Chat-Scene's scripts/config.py + scripts/run.sh)")
     g.add_argument("--tasks", nargs="+", default=["all"], help=f"{', '.join(TASKS)} or all")
     g.add_argument("--llm", help="the Vicuna-7B v1.5 folder (model.llama_model_path)")
@@ -121,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-obj-num", type=int, default=100, help="object slots (run.sh: 100; 3 tokens each)")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the checkpoint (run.sh: 16)")
     g.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (run.sh: 16)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="model.max_txt_len (generate's max_new_tokens)")
+    if generation:
+        g.add_argument("--max-new-tokens", type=int, default=64, help="model.max_txt_len (generate's max_new_tokens)")
+    else:
+        p.set_defaults(max_new_tokens=64)  # model.max_txt_len; no generation here
     g.add_argument("--attn-implementation", default="flash_attention_2", choices=ATTN,
                    help="the LLM's attention (Chat3D hard-codes flash_attention_2; eager is Fast3D's)")
     g.add_argument("--llm-dtype", default="bf16", choices=("bf16", "fp32"),
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=None, help="only the first N annotations of each benchmark")
     g.add_argument("--seed", type=int, default=42, help="per-annotation seeds of the slot permutation (config: 42)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     evalkit.add_method_args(p)
     g = p.add_argument_group("protocol and host options (shared.hosts.chat_scene)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -241,9 +256,10 @@ def chat_scene_config(args: argparse.Namespace, tree: Path):
     cfg.model.instruction_path = str(tree / cfg.model.instruction_path)
     old_root = cfg.anno_root.rstrip("/") + "/"
     new_root = str(Path(args.anno_root).resolve()) if args.anno_root else old_root.rstrip("/")
-    for name, files in cfg.val_file_dict.items():
-        cfg.val_file_dict[name] = [new_root + "/" + f[len(old_root):] if isinstance(f, str) and f.startswith(old_root)
-                                   else f for f in files]
+    for table in (cfg.val_file_dict, cfg.train_file_dict):
+        for name, files in table.items():
+            table[name] = [new_root + "/" + f[len(old_root):] if isinstance(f, str) and f.startswith(old_root)
+                           else f for f in files]
     cfg.anno_root = new_root
     cfg.distributed = False
     return cfg
@@ -795,6 +811,304 @@ def load_model(args: argparse.Namespace, cfg: Any, device: torch.device) -> Any:
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- GAP training targets
+TARGET_SPLITS = ("train", "val")
+#: settings that change the targets (``--out``/targets.json: a resume with other values is refused)
+TARGET_SETTINGS = ("llm", "ckpt", "anno_root", "max_obj_num", "lora_r", "lora_alpha", "attn_implementation",
+                   "llm_dtype", "seed", "identity_object_ids")
+
+
+def build_targets_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_chatscene.py targets",
+        description="GAP training targets from the frozen Chat-Scene LLM (Fast3D's extract_attn_maps): per annotation "
+                    "the layer- and head-mean attention of the text after the object list to each object's 3 tokens "
+                    "(shared.methods.fast3d_targets), written to <out>/infer_attn_maps_<split>_<task>.pt")
+    add_model_args(p, generation=False)
+    g = p.add_argument_group("targets")
+    g.add_argument("--split", required=True, choices=TARGET_SPLITS,
+                   help="train: the annotations' caption is the teacher-forced answer; val: a reference, as Fast3D")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="fast3d: Fast3D's protocol (identity object ids, eager attention)")
+    g.add_argument("--identity-object-ids", action="store_true",
+                   help="slot i holds object i (Fast3D's datasets) instead of Chat-Scene's seeded random permutation")
+    g.add_argument("--chunk", type=int, default=64, help="query rows scored at once per layer (memory only)")
+    g.add_argument("--out", required=True, help="output folder (targets.json + infer_attn_maps_<split>_<task>.pt)")
+    g.add_argument("--merge-only", action="store_true", help="only merge the rank files of a multi-process run")
+    return p
+
+
+def parse_targets_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_targets_parser()
+    args = parser.parse_args(list(argv))
+    try:
+        args.tasks = expand_tasks(args.tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("max_obj_num", "lora_r", "lora_alpha", "chunk"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit: expected >= 1, got {args.limit}")
+    args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
+    return args
+
+
+def load_target_data(args: argparse.Namespace, require_patch: bool = True):
+    """Chat-Scene's config and a dataset factory for ``args.split``: ``ValDataset`` on ``val_file_dict[task]``
+    or ``TrainDataset`` on ``train_file_dict[task]`` (``{set}_mask3d_train.json`` etc.), files checked first."""
+    tree = import_chat_scene(args.chat_scene_root, require_patch)
+    cfg = chat_scene_config(args, tree)
+    from dataset.dataset_train import TrainDataset
+    from dataset.dataset_val import ValDataset
+
+    cls = ValDataset if args.split == "val" else TrainDataset
+    table = cfg.val_file_dict if args.split == "val" else cfg.train_file_dict
+    slots = int(cfg.model.max_obj_num)
+
+    def make_dataset(task: str):
+        files = table[task]
+        for f in files[:4]:
+            if not os.path.isfile(f):
+                raise ValueError(f"anno_root: {task} ({args.split}) needs {f}, which does not exist")
+        cached = cls.cached_feats.get(files[0])  # built for another max_obj_num: drop (see load_data)
+        if cached is not None and cached[0] and next(iter(cached[0].values())).shape[0] != slots:
+            cls.cached_feats.pop(files[0], None)
+            cls.cached_feats.pop(files[1], None)
+        ds = cls(ann_list=files[:4], dataset_name=task, config=cfg)
+        ds.ann_list = list(files[:4])
+        if args.split == "train":  # TrainDataset answers an annotation of a scene without boxes with a random other one
+            missing = sorted({a["scene_id"] for a in ds.anno} - set(ds.attributes or {}))
+            if missing:
+                raise ValueError(f"anno_root: {files[3]} has annotations of {len(missing)} scenes missing from "
+                                 f"{files[2]}, e.g. {missing[:3]}")
+        return ds
+
+    return cfg, make_dataset
+
+
+def teacher_caption(task: str, ref_captions: Sequence[Any]) -> str:
+    """The teacher-forced answer of a val annotation (Fast3D's ValDataset, by benchmark): ScanQA / SQA3D a
+    reference capitalised + ".", ScanRefer / Scan2Cap a reference as is, Multi3dRefer "" (its references are
+    object ids). Draws from ``random`` (seeded per annotation by the caller)."""
+    if task == "multi3dref":
+        return ""
+    if not ref_captions:
+        raise ValueError(f"ref_captions: a {task} val annotation without references has no answer to teacher-force")
+    if task in ("scanqa", "sqa3d"):
+        return random.choice(list(ref_captions)).capitalize() + "."
+    if task in ("scanrefer", "scan2cap"):
+        return random.choice(list(ref_captions))
+    raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+
+
+def target_sample(dataset: Any, split: str, task: str, index: int, seed: int,
+                  identity_object_ids: bool = False) -> Dict[str, Any]:
+    """Annotation ``index`` read by Chat-Scene's dataset with the RNGs seeded from (seed, task[, train], index):
+    scene features (n, 1024) ×2, boxes, mask, the slot permutation ``assigned_ids`` (n,) (identity with
+    ``identity_object_ids``), and the prompt and answer in OBJECT id space."""
+    seed_i = sample_seed(seed, task if split == "val" else f"{task}:train", index)
+    torch.manual_seed(seed_i)
+    random.seed(seed_i)
+    item = dataset[index]
+    if split == "val":
+        feat, img, mask, locs, obj_id, assigned, prompt, refs = item[:8]
+        caption = teacher_caption(task, refs)
+    else:
+        from dataset.base_dataset import recover_caption
+
+        feat, img, mask, locs, obj_id, assigned, caption, question = item
+        anno = dataset.anno[index]
+        prompt = anno["prompt"] if "prompt" in anno else recover_caption(question, assigned.tolist())
+        caption = anno["caption"]
+    if identity_object_ids:
+        assigned = torch.arange(assigned.shape[0])
+    return {"scene_feat": feat, "scene_img_feat": img, "scene_mask": mask, "scene_locs": locs,
+            "obj_id": obj_id, "assigned_ids": assigned, "prompt": prompt, "caption": caption}
+
+
+def teacher_forced_input(model: Any, sample: Dict[str, Any]):
+    """Fast3D's ``get_attn_maps`` input, built with Chat3D's own methods (``encode_object_feat``,
+    ``object_proj`` / ``object_img_proj``, ``get_object_list_embed``, ``get_text_emb``) and ``update_caption``:
+    ``[p_0, object list, p_1, " {prompt} ASSISTANT: {caption}"]`` with object ids as slot ids. Returns
+    (inputs_embeds (1, L, d), layout dict: visual_start, slots, group, query_start, question_rows)."""
+    from dataset.base_dataset import update_caption
+
+    if model.add_scene_token or model.add_pos_emb or model.bidirection:
+        raise ValueError("model: targets follow the released config (add_scene_token, add_pos_emb and bidirection "
+                         "off, scripts/run.sh); this Chat3D has one of them on")
+    device = model.device
+    assigned = sample["assigned_ids"].to(device)
+    feat, img = model.encode_object_feat(sample["scene_feat"][None].to(device), sample["scene_img_feat"][None].to(device),
+                                         sample["scene_locs"][None].to(device))
+    proj, proj_img = model.object_proj(feat), model.object_img_proj(img)
+    objects = model.get_object_list_embed(proj[0], proj_img[0] if model.add_img_token else None, None,
+                                          sample["scene_mask"].to(device).bool(), sample["obj_id"], assigned)
+    slots = int(assigned.shape[0])
+    if sorted(assigned.tolist()) != list(range(slots)) or objects.shape[0] % slots:
+        raise ValueError(f"assigned_ids: expected a permutation of the {slots} slots, each slot a group of tokens")
+    question = update_caption(f" {sample['prompt']} ", assigned)
+    text = update_caption(f" {sample['prompt']} {model.role[1]}: {sample['caption']}", assigned)
+    p_0, p_1 = model.p_0_embed.to(device), model.p_1_embed.to(device)
+    text_embed = model.get_text_emb(text, device=device)[0]
+    embeds = torch.cat([p_0, objects, p_1, text_embed], dim=0)[None]  # as Chat3D.evaluate
+    layout = {"visual_start": int(p_0.shape[0]), "slots": slots, "group": int(objects.shape[0]) // slots,
+              "query_start": int(p_0.shape[0] + objects.shape[0] + p_1.shape[0]),
+              "question_rows": int(model.get_text_emb(question, device=device).shape[1])}
+    return embeds, layout
+
+
+def object_targets(model: Any, sample: Dict[str, Any], chunk: int = 64):
+    """(a_map, a_map_ori), (n,) float32 each, in OBJECT order: object o's value is that of the slot holding it
+    (slot s holds object ``assigned_ids[s]``; with identity ids slot order = object order, Fast3D's files)."""
+    from shared.hosts.chat_scene import inner_llama
+    from shared.methods.fast3d_targets import object_attention_targets
+
+    with torch.no_grad(), model.maybe_autocast():
+        embeds, lay = teacher_forced_input(model, sample)
+        a_map, a_map_ori = object_attention_targets(
+            inner_llama(model), embeds, lay["visual_start"], lay["slots"], lay["group"], lay["query_start"],
+            embeds.shape[1], lay["question_rows"], chunk=chunk)
+    assigned = sample["assigned_ids"].long().cpu()
+    out = []
+    for slot_map in (a_map[0].float().cpu(), a_map_ori[0].float().cpu()):
+        obj_map = torch.empty_like(slot_map)
+        obj_map[assigned] = slot_map
+        out.append(obj_map)
+    return out[0], out[1]
+
+
+def target_path(out: Any, split: str, task: str) -> Path:
+    return Path(out) / f"infer_attn_maps_{split}_{task}.pt"
+
+
+def _annotations(dataset: Any) -> List[Dict[str, Any]]:
+    with open(dataset.ann_list[3], encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_target_settings(args: argparse.Namespace) -> None:
+    """Write ``<out>/targets.json`` (the settings of TARGET_SETTINGS) or refuse an ``--out`` made with others."""
+    ab = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+    now = {k: (ab(getattr(args, k)) if k in ("llm", "ckpt", "anno_root") else getattr(args, k)) for k in TARGET_SETTINGS}
+    path = Path(args.out) / "targets.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = {k: (old.get(k), now[k]) for k in now if old.get(k) != now[k]}
+        if diff:
+            raise ValueError(f"out: {args.out} holds targets made with other settings {diff} (was, now); use another --out")
+        return
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"targets.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(now, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def target_jobs(args: argparse.Namespace, make_dataset: Callable[[str], Any], env: Optional[Dict[str, str]] = None):
+    """Per task: (task, dataset, keys, this rank's indices still to do, this rank's file, its share)."""
+    from shared.methods.fast3d_targets import annotation_keys, completed_keys
+    from shared.runio import shard_path, shard_slice
+
+    info = dist_info(env)
+    out = []
+    for task in args.tasks:
+        ds = make_dataset(task)
+        keys = annotation_keys(task, _annotations(ds))
+        n = len(keys) if args.limit is None else min(args.limit, len(keys))
+        mine = shard_slice(list(range(n)), info.rank, info.world_size)
+        path = shard_path(target_path(args.out, args.split, task), info.rank, info.world_size)
+        done = completed_keys(path)
+        out.append((task, ds, keys, [i for i in mine if keys[i] not in done], path, len(mine)))
+    return out
+
+
+def extract_targets(args: argparse.Namespace, model: Any, make_dataset: Callable[[str], Any],
+                    env: Optional[Dict[str, str]] = None) -> List[Path]:
+    """Targets of every ``--tasks`` annotation of this rank's shard (contiguous slice), appended to its file
+    (resumable: keys already there are skipped); returns the files written."""
+    from shared.methods.fast3d_targets import write_targets
+
+    check_target_settings(args)
+    written = []
+    for task, ds, keys, todo, path, share in target_jobs(args, make_dataset, env):
+        def records(ds=ds, keys=keys, todo=todo, task=task):
+            for i in todo:
+                sample = target_sample(ds, args.split, task, i, args.seed, args.identity_object_ids)
+                a_map, a_map_ori = object_targets(model, sample, args.chunk)
+                yield {"key": keys[i], "index": i, "a_map": a_map, "a_map_ori": a_map_ori}
+
+        write_targets(records(), path, total=share)
+        written.append(path)
+    return written
+
+
+def merge_targets(args: argparse.Namespace, make_dataset: Callable[[str], Any]) -> List[Path]:
+    """Merge the rank files ``infer_attn_maps_<split>_<task>.rankR-of-W.pt`` of a multi-process run into
+    ``infer_attn_maps_<split>_<task>.pt`` (in annotation order); refuses missing ranks or annotations."""
+    import re
+
+    from shared.methods.fast3d_targets import annotation_keys, load_targets, write_targets
+
+    done = []
+    for task in args.tasks:
+        final = target_path(args.out, args.split, task)
+        shards = sorted(final.parent.glob(f"{final.stem}.rank*-of-*{final.suffix}"))
+        if not shards:
+            if final.exists():
+                done.append(final)
+                continue
+            raise ValueError(f"out: no rank files of {final.name} in {args.out}")
+        worlds = {int(re.search(r"-of-(\d+)", p.name).group(1)) for p in shards}
+        if len(worlds) != 1 or len(shards) != next(iter(worlds)):
+            raise ValueError(f"out: {final.name}: expected one rank file per process, found {[p.name for p in shards]}")
+        keys = annotation_keys(task, _annotations(make_dataset(task)))
+        n = len(keys) if args.limit is None else min(args.limit, len(keys))
+        recs = sorted(load_targets(shards), key=lambda r: r["index"])
+        lacking = sorted(set(keys[:n]) - {r["key"] for r in recs})
+        if lacking:
+            raise ValueError(f"out: {final.name}: {len(lacking)} of {n} annotations have no target yet (rerun the "
+                             f"ranks), e.g. {lacking[:3]}")
+        write_targets(recs, final, total=len(recs))
+        for p in shards:
+            p.unlink()
+        done.append(final)
+    return done
+
+
+def main_targets(argv: Sequence[str], env: Optional[Dict[str, str]] = None, require_patch: bool = True) -> List[Path]:
+    """``eval_chatscene.py targets ...``: extract (or, with ``--merge-only``, merge) and return the files."""
+    args = parse_targets_args(argv)
+    if not args.llm or not args.anno_root:
+        raise SystemExit("eval_chatscene.py targets: --llm and --anno-root are required")
+    cfg, make_dataset = load_target_data(args, require_patch)
+    check_target_settings(args)
+    if args.merge_only:
+        return merge_targets(args, make_dataset)
+    info = dist_info(env)
+    model = None
+    if any(j[3] for j in target_jobs(args, make_dataset, env)):
+        model = load_model(args, cfg, _device(args.device, info))
+    else:  # the files are finished (a .partial holding everything is finalised without the model)
+        print(f"[eval_chatscene targets] every target is in {args.out} already; nothing to compute")
+    written = extract_targets(args, model, make_dataset, env)
+    if info.world_size > 1:
+        print(f"[eval_chatscene targets] rank {info.rank}: shard done; run with --merge-only once every rank has finished")
+    return written
+
+
+def _device(name: Optional[str], info: Any) -> torch.device:
+    """``name``, else cuda:<LOCAL_RANK> when CUDA is there, else the CPU (made current when CUDA)."""
+    if name:
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 # ---------------------------------------------------------------------------------------- mains
 def main_table(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(description="Combine the summary.json of several runs into one table")
@@ -817,6 +1131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "table":
         main_table(argv[1:])
+        return
+    if argv and argv[0] == "targets":
+        main_targets(argv[1:])
         return
     args = parse_args(argv)
     if not args.llm or not args.anno_root:

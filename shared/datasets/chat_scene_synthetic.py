@@ -23,6 +23,13 @@ keys, dtypes and JSON fields as Chat-Scene's preprocessing (segmentor ``mask3d``
 ``scanrefer_unique_multiple_lookup.json``   {scene: {"<GT id>": 0 unique label | 1 multiple}}
 ==========================================  ==============================================================
 
+With ``train_per_task > 0`` also the training files (the same scenes): ``scannet_mask3d_train_attributes.pt``
+and ``scanrefer_mask3d_train.json`` / ``multi3dref_mask3d_train.json`` / ``scan2cap_mask3d_train.json`` /
+``scanqa_train.json`` / ``sqa3d_train.json``, each ``[{scene_id, obj_id, prompt, caption[, eval_type |
+sqa_type]}]`` with Chat-Scene's train answers (``"<OBJxxx>."``, ``"Yes. <OBJa> and <OBJb>."`` / ``"No."``,
+a sentence, ``"Capitalised answer."``), object ids in Mask3D instance space. They come from their own
+random stream, so the val files are the same with or without them.
+
 Geometry: each scene has ``m`` ground-truth boxes in a 6 x 6 x 3 m room; its Mask3D instances are the
 GT boxes jittered (so some match at IoU >= 0.5, some only >= 0.25, some below) plus spurious boxes, in
 shuffled order. IoUs are axis-aligned 3D box IoUs (what Chat-Scene's ``box3d_iou`` computes for its
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -55,6 +63,14 @@ ANNOTATIONS = {
     "scanqa": "scanqa_val.json",
     "sqa3d": "sqa3d_val.json",
 }
+TRAIN_ANNOTATIONS = {
+    "scanrefer": "scanrefer_mask3d_train.json",
+    "multi3dref": "multi3dref_mask3d_train.json",
+    "scan2cap": "scan2cap_mask3d_train.json",
+    "scanqa": "scanqa_train.json",
+    "sqa3d": "sqa3d_train.json",
+}
+TRAIN_INSTANCE_ATTRIBUTES = "scannet_mask3d_train_attributes.pt"
 SCAN2CAP_CORPUS = "scan2cap_val_corpus.json"
 UNIQUE_MULTIPLE = "scanrefer_unique_multiple_lookup.json"
 #: the suffix Chat-Scene's preprocessing appends to ScanQA / SQA3D questions
@@ -78,6 +94,7 @@ class SyntheticScenes:
     instances: Dict[str, int]
     gt_objects: Dict[str, int]
     counts: Dict[str, int]
+    train_counts: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def path(self, name: str) -> str:
         return str(self.root / name)
@@ -139,13 +156,15 @@ def _describe(rng: np.random.Generator, label: str) -> str:
 def write_chat_scene_annotations(root: Union[str, os.PathLike], scenes: int = 2,
                                  instances: Union[int, Sequence[int]] = (9, 7),
                                  gt_objects: Union[int, Sequence[int]] = (7, 6), per_task: int = 3,
-                                 feat_dim: int = 1024, img_feat_dim: int = 1024, seed: int = 0) -> SyntheticScenes:
+                                 feat_dim: int = 1024, img_feat_dim: int = 1024, seed: int = 0,
+                                 train_per_task: int = 0) -> SyntheticScenes:
     """Write the annotation folder described in the module docstring under ``root`` (created).
 
     scenes: how many (ids ``scene0{100 + i:03}_00``); instances / gt_objects: per scene (an int for all)
     the Mask3D instances (keep it <= the model's ``max_obj_num``: ``ValDataset`` builds that many slots)
     and GT objects (>= 2); per_task: annotations per task and scene; feat_dim / img_feat_dim: the 3D / 2D
-    feature widths (Chat-Scene: 1024 / 1024). Deterministic in ``seed``."""
+    feature widths (Chat-Scene: 1024 / 1024); train_per_task: training annotations per task and scene
+    (0: no training files). Deterministic in ``seed``."""
     if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 1:
         raise ValueError(f"scenes: expected an int >= 1, got {scenes!r}")
     n_inst = _check_counts("instances", instances, scenes, 1)
@@ -153,6 +172,8 @@ def write_chat_scene_annotations(root: Union[str, os.PathLike], scenes: int = 2,
     for name, v in (("per_task", per_task), ("feat_dim", feat_dim), ("img_feat_dim", img_feat_dim)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if isinstance(train_per_task, bool) or not isinstance(train_per_task, int) or train_per_task < 0:
+        raise ValueError(f"train_per_task: expected an int >= 0, got {train_per_task!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -235,8 +256,44 @@ def write_chat_scene_annotations(root: Union[str, os.PathLike], scenes: int = 2,
         (root / name).write_text(json.dumps(annos[task], indent=1) + "\n", encoding="utf-8")
     (root / SCAN2CAP_CORPUS).write_text(json.dumps(corpus, indent=1) + "\n", encoding="utf-8")
     (root / UNIQUE_MULTIPLE).write_text(json.dumps(lookup, indent=1) + "\n", encoding="utf-8")
+    train_counts: Dict[str, int] = {}
+    if train_per_task:
+        train = _train_annotations(np.random.default_rng([seed, 1]), inst_attrs, train_per_task)
+        torch.save(inst_attrs, root / TRAIN_INSTANCE_ATTRIBUTES)
+        for task, name in TRAIN_ANNOTATIONS.items():
+            (root / name).write_text(json.dumps(train[task], indent=1) + "\n", encoding="utf-8")
+        train_counts = {t: len(a) for t, a in train.items()}
     return SyntheticScenes(root, scene_ids, dict(zip(scene_ids, n_inst)), dict(zip(scene_ids, n_gt)),
-                           {t: len(a) for t, a in annos.items()})
+                           {t: len(a) for t, a in annos.items()}, train_counts)
+
+
+def _train_annotations(rng: np.random.Generator, inst_attrs: Dict[str, Dict], per_task: int) -> Dict[str, List[Dict]]:
+    """Chat-Scene's training annotations (``preprocess/prepare_*_annos.py`` with ``split == "train"``) on the
+    Mask3D instances: a ``caption`` (the teacher-forced answer) instead of ``ref_captions``."""
+    out: Dict[str, List[Dict]] = {t: [] for t in TASKS}
+    for sid, attrs in inst_attrs.items():
+        labels = attrs["objects"]
+        n = len(labels)
+        for j in range(per_task):
+            k = int(rng.integers(0, n))
+            text = _describe(rng, labels[k])
+            color = text.split()[1]
+            out["scanrefer"].append({"scene_id": sid, "obj_id": k, "caption": f"<OBJ{k:03}>.",
+                                     "prompt": f"Which object matches the description \"{text}\"? Give its ID."})
+            out["scan2cap"].append({"scene_id": sid, "obj_id": k, "prompt": f"Describe <OBJ{k:03}> and where it stands "
+                                    f"in the room.", "caption": f"This is {text}."})
+            out["scanqa"].append({"scene_id": sid, "obj_id": k, "prompt": f"What color is the {labels[k]}?" + QA_SUFFIX,
+                                  "caption": color.capitalize() + "."})
+            qtype = j % (len(SQA_TYPES) + 1)
+            out["sqa3d"].append({"scene_id": sid, "obj_id": 0, "sqa_type": qtype,
+                                 "prompt": f"I am standing by the {labels[k]}. Is it on my left?" + QA_SUFFIX,
+                                 "caption": ("Yes.", "No.")[j % 2]})
+            ids = sorted({k, int(rng.integers(0, n))}) if j % 3 else []
+            answer = "No." if not ids else "Yes. " + " and ".join(f"<OBJ{i:03}>" for i in ids) + "."
+            out["multi3dref"].append({"scene_id": sid, "obj_id": 0, "caption": answer,
+                                      "eval_type": MULTI3DREF_TYPES[0 if not ids else (2 if len(ids) == 1 else 4)],
+                                      "prompt": f"List the IDs of all objects described as \"{text}\", if any."})
+    return out
 
 
 __all__ = [
@@ -250,6 +307,8 @@ __all__ = [
     "SCAN2CAP_CORPUS",
     "SyntheticScenes",
     "TASKS",
+    "TRAIN_ANNOTATIONS",
+    "TRAIN_INSTANCE_ATTRIBUTES",
     "UNIQUE_MULTIPLE",
     "box_iou_3d",
     "write_chat_scene_annotations",

@@ -735,3 +735,162 @@ def test_fast3d_table_score_ratio_against_our_vanilla(env):
     _, rows, _ = env.drv.fast3d_table([vanilla, fastv])
     assert [r[7] for r in rows] == ["100.00", "100.00", "99.74", "99.74"]
     assert rows[3][0] == "  Fast3D README: w/ FastV 35%"
+
+
+# ---------------------------------------------------------------------------- GAP training targets
+def _targets_root(env: Env) -> Path:
+    """The synthetic folder again with the training files (their own random stream: val files identical)."""
+    if "targets_root" not in env.extra:
+        from shared.datasets import write_chat_scene_annotations
+
+        env.extra["targets_root"] = write_chat_scene_annotations(env.workdir / "annotations_train", seed=0,
+                                                                 train_per_task=2)
+    return env.extra["targets_root"]
+
+
+def _targets_argv(env: Env, out: Path, split: str, *flags: str) -> List[str]:
+    return ["--llm", str(env.ckpt.llm), "--ckpt", str(env.ckpt.ckpt), "--anno-root", str(_targets_root(env).root),
+            "--chat-scene-root", str(env.tree.path), "--max-obj-num", str(OBJ), "--attn-implementation", "eager",
+            "--llm-dtype", "fp32", "--split", split, "--out", str(out), *flags]
+
+
+def eager_reference(model, embeds: torch.Tensor, vis_start: int, query_start: int, question_rows: int,
+                    assigned: List[int]):
+    """Fast3D's get_attn_maps aggregation of the vendored LLM's eager ``output_attentions``: head mean per
+    layer, layer mean, rows after p_1, the 3 tokens of each slot summed; a_map over all rows, a_map_ori over
+    the question rows; then slot s's value given to object assigned[s]."""
+    with torch.no_grad():
+        out = model.llama_model(inputs_embeds=embeds, output_attentions=True, use_cache=False, return_dict=True)
+    att = torch.stack([a[0].mean(0) for a in out.attentions]).mean(0)  # (L, L)
+    per_slot = att[query_start:, vis_start:vis_start + 3 * OBJ].reshape(-1, OBJ, 3).sum(-1)
+    maps = []
+    for m in (per_slot.mean(0), per_slot[:question_rows].mean(0)):
+        obj = torch.full((OBJ,), float("nan"))
+        for s, o in enumerate(assigned):
+            obj[o] = m[s]
+        maps.append(obj)
+    return maps
+
+
+@pytest.mark.parametrize("split,task,index,identity", [
+    ("val", "scanrefer", 0, False), ("val", "scanqa", 1, False), ("val", "multi3dref", 2, True),
+    ("train", "multi3dref", 1, False), ("train", "scan2cap", 3, False)])
+def test_targets_equal_eager_output_attentions_on_the_teacher_forced_input(env, split, task, index, identity):
+    """The extracted a_map / a_map_ori equal Fast3D's aggregation of eager output_attentions of the vendored
+    LLM; the input is [p_0 | slots built by hand | p_1 | " {prompt} ASSISTANT: {caption}" in slot ids]."""
+    drv, model = env.drv, env.model
+    args = drv.parse_targets_args(_targets_argv(env, env.workdir / "unused", split))
+    _, make_dataset = drv.load_target_data(args, require_patch=env.cb.is_patched(env.tree))
+    ds = make_dataset(task)
+    anno = json.loads(Path(ds.ann_list[3]).read_text())[index]
+    sample = drv.target_sample(ds, split, task, index, 42, identity)
+    again = drv.target_sample(ds, split, task, index, 42, identity)
+    assert torch.equal(sample["assigned_ids"], again["assigned_ids"]) and sample["caption"] == again["caption"]
+    assigned = sample["assigned_ids"].tolist()
+    assert sorted(assigned) == list(range(OBJ)) and (assigned == list(range(OBJ))) == identity
+    # the answer: the annotation's caption (train); Fast3D's rule on the references (val)
+    if split == "train":
+        assert sample["caption"] == anno["caption"] and sample["prompt"] == anno["prompt"]
+    elif task == "multi3dref":
+        assert sample["caption"] == ""
+    elif task == "scanqa":
+        assert sample["caption"] in [r.capitalize() + "." for r in anno["ref_captions"]]
+    else:
+        assert sample["caption"] in anno["ref_captions"]
+    with torch.no_grad():
+        embeds, lay = drv.teacher_forced_input(model, sample)
+    # the input, by hand
+    slot_of = {o: s for s, o in enumerate(assigned)}
+    to_slots = lambda t: re.sub(r"<OBJ(\d{3})>", lambda m: f"<OBJ{slot_of[int(m.group(1))]:03}>", t)  # noqa: E731
+    tok = model.llama_tokenizer
+    ids = tok(to_slots(f" {anno['prompt']} ASSISTANT: {sample['caption']}"), add_special_tokens=False).input_ids
+    q_rows = len(tok(to_slots(f" {anno['prompt']} "), add_special_tokens=False).input_ids)
+    p0, p1 = model.p_0_embed, model.p_1_embed
+    v0, v1 = p0.shape[0], p0.shape[0] + 3 * OBJ
+    emb = embeds[0]
+    assert emb.shape[0] == v1 + p1.shape[0] + len(ids)
+    assert (lay["visual_start"], lay["slots"], lay["group"], lay["query_start"], lay["question_rows"]) == (
+        v0, OBJ, 3, v1 + p1.shape[0], q_rows)
+    batch = {"assigned_ids": sample["assigned_ids"][None], "scene_feat": sample["scene_feat"][None],
+             "scene_img_feat": sample["scene_img_feat"][None]}
+    with torch.no_grad():
+        assert torch.equal(emb[:v0], p0) and torch.equal(emb[v1:v1 + p1.shape[0]], p1)
+        assert torch.allclose(emb[v0:v1], visual_span_by_hand(env, model, batch), atol=1e-6, rtol=0)
+        text = model.llama_model.base_model.model.model.embed_tokens(torch.tensor(ids))
+        assert torch.equal(emb[v1 + p1.shape[0]:], text)
+    a_map, a_map_ori = drv.object_targets(model, sample, chunk=5)  # several row chunks per layer
+    ref, ref_ori = eager_reference(model, embeds, v0, v1 + p1.shape[0], q_rows, assigned)
+    assert torch.allclose(a_map, ref, atol=1e-5, rtol=0) and torch.allclose(a_map_ori, ref_ori, atol=1e-5, rtol=0)
+    assert emb.shape[0] - lay["query_start"] > q_rows and not torch.equal(a_map, a_map_ori)  # answer rows count
+    assert 0 < float(a_map.sum()) <= 1 + 1e-5
+
+
+def test_targets_command_writes_gap_training_files_resumably(env, monkeypatch):
+    """`targets` on the train split: every annotation gets a record in annotation order that GAP training's
+    reader (shared.datasets.fast3d_gap.load_split) matches by key; a limited run is continued, a finished
+    one does no work (no model, no target computed), other settings are refused, and two ranks merged give
+    the single-process file."""
+    from shared.datasets.chat_scene_synthetic import TRAIN_ANNOTATIONS
+    from shared.datasets.fast3d_gap import SceneFeatures, load_split
+    from shared.methods.fast3d_targets import annotation_keys
+
+    drv, data = env.drv, _targets_root(env)
+    patched = env.cb.is_patched(env.tree)
+    out = env.workdir / "targets"
+    calls = []
+    real = drv.object_targets
+
+    def counted(model, sample, chunk=64):
+        calls.append(sample["prompt"])
+        return real(model, sample, chunk)
+
+    monkeypatch.setattr(drv, "object_targets", counted)
+    monkeypatch.setattr(drv, "load_model", lambda *a, **k: env.model)
+    tasks = ["--tasks", "scanrefer", "multi3dref", "scanqa"]
+    drv.main_targets(_targets_argv(env, out, "train", *tasks, "--limit", "2"), env={}, require_patch=patched)
+    assert len(calls) == 6
+    drv.main_targets(_targets_argv(env, out, "train", *tasks), env={}, require_patch=patched)
+    assert len(calls) == 6 + sum(data.train_counts[t] - 2 for t in ("scanrefer", "multi3dref", "scanqa"))
+
+    feats = SceneFeatures(str(data.root / "scannet_mask3d_uni3d_feats.pt"), str(data.root / "scannet_mask3d_videofeats.pt"), OBJ)
+    sets = load_split(str(data.root), "scanrefer#multi3dref#scanqa", "train", feats, targets_root=str(out))
+    files = {}
+    for task, ds in sets.items():
+        recs = torch.load(out / f"infer_attn_maps_train_{task}.pt", weights_only=True)
+        annos = json.loads((data.root / TRAIN_ANNOTATIONS[task]).read_text())
+        assert [r["index"] for r in recs] == list(range(data.train_counts[task]))
+        assert [r["key"] for r in recs] == annotation_keys(task, annos)
+        assert all(torch.equal(ds.targets[r["index"]], r["a_map"]) for r in recs)
+        assert all(r["a_map"].shape == (OBJ,) and 0 < float(r["a_map"].sum()) <= 1 + 1e-5 for r in recs)
+        files[task] = recs
+    # the first two of each file were written by the limited run and kept
+    _, make_dataset = drv.load_target_data(drv.parse_targets_args(_targets_argv(env, out, "train")), patched)
+    a_map, _ = real(env.model, drv.target_sample(make_dataset("scanqa"), "train", "scanqa", 1, 42))
+    assert torch.allclose(files["scanqa"][1]["a_map"], a_map, atol=1e-6, rtol=0)
+
+    # finished: nothing computed, no model loaded, the files unchanged
+    monkeypatch.setattr(drv, "load_model", lambda *a, **k: pytest.fail("the model was loaded for a finished run"))
+    n = len(calls)
+    drv.main_targets(_targets_argv(env, out, "train", *tasks), env={}, require_patch=patched)
+    assert len(calls) == n
+    for task, recs in files.items():
+        again = torch.load(out / f"infer_attn_maps_train_{task}.pt", weights_only=True)
+        assert [r["key"] for r in again] == [r["key"] for r in recs]
+        assert all(torch.equal(a["a_map"], b["a_map"]) and torch.equal(a["a_map_ori"], b["a_map_ori"])
+                   for a, b in zip(again, recs))
+    with pytest.raises(ValueError, match=r"^out: .* other settings .*'seed': \(42, 7\)"):
+        drv.main_targets(_targets_argv(env, out, "train", *tasks, "--seed", "7"), env={}, require_patch=patched)
+
+    # two ranks, merged: the single-process file
+    monkeypatch.setattr(drv, "load_model", lambda *a, **k: env.model)
+    sharded = env.workdir / "targets-2"
+    for rank in (0, 1):
+        drv.main_targets(_targets_argv(env, sharded, "train", "--tasks", "scanqa"), require_patch=patched,
+                         env={"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert len(list(sharded.glob("infer_attn_maps_train_scanqa.rank*-of-00002.pt"))) == 2
+    drv.main_targets(_targets_argv(env, sharded, "train", "--tasks", "scanqa", "--merge-only"), env={},
+                     require_patch=patched)
+    merged = torch.load(sharded / "infer_attn_maps_train_scanqa.pt", weights_only=True)
+    assert [r["key"] for r in merged] == [r["key"] for r in files["scanqa"]]
+    assert all(torch.equal(a["a_map"], b["a_map"]) for a, b in zip(merged, files["scanqa"]))
+    assert not list(sharded.glob("*.rank*"))
