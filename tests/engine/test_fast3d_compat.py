@@ -329,7 +329,8 @@ def _chat_scene_generate(model, method, emb, assigned_ids):
     stock = decoder.forward
     batch = {"scene_id": ["scene0011_00"], "obj_ids": [0], "qid": [7]}
     with torch.no_grad(), patched_forward(decoder, lambda *a, **k: llama_forward(decoder, stock, *a, **k)), \
-            prune(chat, method, object_scores={"scene0011_00|0|7": SCORES}) as session:
+            prune(chat, method, object_scores={"scene0011_00:7": SCORES},
+                  sample_keys=lambda b, i: f"{b['scene_id'][i]}:{b['qid'][i]}") as session:
         publish_objects(chat, 0, emb, SYS, IMG, assigned_ids, torch.zeros(8, 4), None, torch.zeros(8, 6), "q", batch)
         out = model.generate(inputs_embeds=emb, **GEN)
     return out, session
