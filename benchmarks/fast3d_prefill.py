@@ -71,37 +71,21 @@ def methods(sap_objects: int) -> Dict[str, Tuple[Optional[object], Optional[torc
 
 def gap_cost(config: str, text_tokens: int) -> Tuple[float, float]:
     """(FLOPs, best CPU seconds of 3) of one GAP forward on one sample (random weights)."""
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import RobertaConfig, RobertaModel
 
     from shared.methods.fast3d_cmt import CMTConfig
-    from shared.methods.fast3d_gap import GAPConfig, GAPNet
+    from shared.methods.fast3d_gap import GAPConfig, GAPNet, authors_size_gap
+    from shared.methods.fast3d_gap import gap_cost as measure
 
     if config == "authors":  # RoBERTa-base + the authors' GAP sizes
-        text, cfg = RobertaConfig(), GAPConfig(max_obj_num=OBJECTS)
+        net = authors_size_gap(OBJECTS)
     else:
         text = RobertaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
         cfg = GAPConfig(text_hidden_size=64, max_obj_num=OBJECTS,
                         cmt=CMTConfig(hidden_size=64, num_heads=2, ffn_dim=128))
-    torch.manual_seed(0)
-    net = GAPNet(cfg, RobertaModel(text)).eval()
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(
-        input_ids=torch.randint(5, text.vocab_size, (1, text_tokens), generator=g),
-        attention_mask=torch.ones(1, text_tokens, dtype=torch.long),
-        obj_feats=torch.randn(1, OBJECTS, cfg.feat_dim, generator=g),
-        obj_img_feats=torch.randn(1, OBJECTS, cfg.img_feat_dim, generator=g),
-        locs=torch.rand(1, OBJECTS, 6, generator=g) * 4,
-    )
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            net(**inputs)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            net(**inputs)
-            best = min(best, time.perf_counter() - t0)
-    return float(fc.get_total_flops()), best
+        torch.manual_seed(0)
+        net = GAPNet(cfg, RobertaModel(text)).eval()
+    return measure(net, text_tokens, repeats=3)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

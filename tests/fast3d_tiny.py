@@ -1,51 +1,15 @@
-"""Tiny stand-ins for Fast3D's GAP tests: a random RoBERTa saved with a hand-written byte-level BPE
-tokenizer (vocab.json + merges.txt), tiny GAP configs, and a synthetic Chat-Scene-style data root."""
+"""Tiny stand-ins for Fast3D's GAP tests: the random RoBERTa folder (``shared.apps.fast3d_tiny.write_roberta``,
+re-exported), tiny GAP configs, and a synthetic Chat-Scene-style data root."""
 from __future__ import annotations
 
 import json
 import os
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-
-
-def byte_alphabet() -> List[str]:
-    """GPT-2's printable stand-ins for the 256 bytes (the byte-level BPE alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def write_roberta(path: str, hidden: int = 32, layers: int = 1, heads: int = 2, seed: int = 0) -> str:
-    """A random RobertaModel + tokenizer folder loadable with ``local_files_only=True``."""
-    from transformers import RobertaConfig, RobertaModel
-
-    os.makedirs(path, exist_ok=True)
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for c in byte_alphabet():
-        vocab.setdefault(c, len(vocab))
-    merges = ["Ġ t", "h e", "Ġt he"]
-    for m in merges:
-        vocab.setdefault(m.replace(" ", ""), len(vocab))
-    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=256, type_vocab_size=1, pad_token_id=1,
-                        bos_token_id=0, eos_token_id=2)
-    torch.manual_seed(seed)
-    RobertaModel(cfg).save_pretrained(path)
-    return path
+from shared.apps.fast3d_tiny import SPECIALS, byte_alphabet, write_roberta  # noqa: F401  (re-exported)
 
 
 def tiny_gap_config(n_obj: int = 6, feat: int = 8, img: int = 8, text_hidden: int = 32, hidden: int = 16,

@@ -13,6 +13,7 @@ with ``strict=True``; the object features enter raw (no normalisation), as in th
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -265,6 +266,59 @@ def load_gap(checkpoint_path: Union[str, os.PathLike], roberta_path: Union[str, 
     model = GAPNet(config, encoder)
     load_state_strict(model, state, what=f"checkpoint {os.fspath(checkpoint_path)!r}")
     return model.to(device).eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------- cost
+def authors_size_gap(n_obj: int = 100, seed: int = 0) -> GAPNet:
+    """A random GAP network at the authors' size: ``GAPConfig()`` (4-layer spatial transformer, width 768)
+    over a RoBERTa-base-sized ``RobertaModel(RobertaConfig())`` (~159 M parameters), in eval mode. For
+    counting cost only; building it takes about a second on CPU."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    return GAPNet(GAPConfig(max_obj_num=n_obj), RobertaModel(RobertaConfig())).eval()
+
+
+def gap_cost(model: GAPNet, text_tokens: int = 32, repeats: int = 3, seed: int = 1) -> Tuple[float, float]:
+    """(FLOPs, best seconds of ``repeats``) of one forward of ``model`` on one random sample: a
+    ``text_tokens``-token prompt and ``model.num_objects`` objects at the config's feature widths.
+
+    FLOPs are ``torch.utils.flop_counter.FlopCounterMode``'s total (matmuls, attention; 2 per
+    multiply-add). repeats=0 skips the timing (seconds = nan)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise ValueError(f"text_tokens: expected a positive int, got {text_tokens!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        raise ValueError(f"repeats: expected an int >= 0, got {repeats!r}")
+    cfg = model.config
+    n = cfg.max_obj_num
+    p = next(model.parameters())
+    vocab = int(getattr(model.text_encoder.config, "vocab_size", 1000))
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        input_ids=torch.randint(min(5, vocab - 1), vocab, (1, text_tokens), generator=g),
+        attention_mask=torch.ones(1, text_tokens, dtype=torch.long),
+        obj_feats=torch.randn(1, n, cfg.feat_dim, generator=g),
+        obj_img_feats=torch.randn(1, n, cfg.img_feat_dim, generator=g),
+        locs=torch.rand(1, n, cfg.cmt.dim_loc, generator=g) * 4,
+    )
+    inputs = {k: v.to(p.device) if not v.is_floating_point() else v.to(p.device, p.dtype) for k, v in inputs.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as fc:
+                model(**inputs)
+            best = float("nan")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(**inputs)
+                dt = time.perf_counter() - t0
+                best = dt if best != best else min(best, dt)
+    finally:
+        model.train(was_training)
+    return float(fc.get_total_flops()), best
 
 
 # ------------------------------------------------------------------------------- training terms
