@@ -640,14 +640,23 @@ def paper_row(settings: Dict[str, Any]) -> Optional[Dict[str, str]]:
 
 
 def per_sample_pruning(run_dir: Path) -> Optional[Dict[str, float]]:
-    """Min / max over the run's records of the per-sample pruning ratio (percent), or None."""
-    vals = []
+    """Over the run's records: min / max of the per-sample pruning ratio (percent) and the mean FLOPs of
+    the online GAP forward (``gap_flops``, FlopCounterMode: 2 per multiply-add; absent without online
+    GAP). None without records."""
+    vals, gap = [], []
     for f in sorted(Path(run_dir).glob("*.jsonl")):
         for line in f.read_text(encoding="utf-8").splitlines():
             r = json.loads(line) if line.strip() else {}
             if r.get("pruning_ratio") is not None:
                 vals.append(100.0 * float(r["pruning_ratio"]))
-    return {"min": min(vals), "max": max(vals)} if vals else None
+            if (r.get("selection") or {}).get("gap_flops") is not None:
+                gap.append(float(r["selection"]["gap_flops"]))
+    if not vals:
+        return None
+    out = {"min": min(vals), "max": max(vals)}
+    if gap:
+        out["gap_flops"] = sum(gap) / len(gap)
+    return out
 
 
 def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Sequence[Optional[Dict[str, float]]]] = None):
@@ -669,7 +678,7 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
     base = headline(vanilla[0]) if vanilla else None
     paper_vanilla = next(r for r in __import__("shared").paper_figures.load("fast3d_scores") if r["method"] == "vanilla")
     header = ["method", "protocol"] + [c[0] for c in FAST3D_COLUMNS] + [
-        "Score Ratio %", "pruned %", "per-sample pruned %", "TFLOPs", "s/sample"]
+        "Score Ratio %", "pruned %", "per-sample pruned %", "TFLOPs (+GAP)", "s/sample"]
     rows = []
     for i, s in enumerate(summaries):
         h = headline(s)
@@ -678,9 +687,12 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
         ratio = score_ratio(h, base) if ok else None
         per = (per_sample[i] if per_sample is not None else None) or {}
         span = f"{per['min']:.1f}-{per['max']:.1f}" if per else "—"
+        tflops = eff.get("tflops")
+        if tflops is not None and per.get("gap_flops") is not None:
+            tflops = tflops + per["gap_flops"] / 2e12  # the FastV convention counts a multiply-add once
         rows.append([st["label"], st["protocol"]] + [evalkit.fmt(h[c[3]], 2) for c in FAST3D_COLUMNS] + [
             evalkit.fmt(ratio, 2), evalkit.fmt(None if eff.get("pruning_ratio") is None else 100 * eff["pruning_ratio"], 1),
-            span, evalkit.fmt(eff.get("tflops"), 3), evalkit.fmt(eff.get("seconds"), 3)])
+            span, evalkit.fmt(tflops, 3), evalkit.fmt(eff.get("seconds"), 3)])
         paper = paper_row(st)
         if paper is not None:
             rows.append([f"  Fast3D README: {paper['label']}", "paper"] + [paper[c[3]] for c in FAST3D_COLUMNS] + [
@@ -690,7 +702,8 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
         "recomputed from its figures)" + ("" if base is not None else "; no vanilla run given, so none is computed"),
         "pruned %: 1 - N_avg / 300 over decoder layers and samples (the README's ratio); per-sample pruned %: min-max "
         "over samples (SAP's adaptive budget)",
-        "s/sample: measured wall time of Chat3D.evaluate per annotation (beam 5 generation), GAP included",
+        "TFLOPs: the LLM prefill (FastV convention) plus, with online GAP, GAP's own counted FLOPs; s/sample: measured "
+        "wall time of Chat3D.evaluate per annotation (beam 5 generation), GAP included",
         "canonical rows drop tokens at prefill; compat rows (protocol compat-fast3d) mask keys and save no compute",
     ]
     return header, rows, notes
@@ -725,7 +738,7 @@ def with_gap_scorer(methods: Sequence[Any], checkpoint: str, roberta: str, devic
     if not any(isinstance(m, Fast3D) for m in methods):
         raise ValueError("gap_checkpoint: GAP scores only Fast3D; add --method fast3d")
     model, tokenizer = load_gap(checkpoint, roberta, device=device)
-    scorer = GapScorer(model.eval(), tokenizer)
+    scorer = GapScorer(model.eval(), tokenizer, count_flops=True)  # its FLOPs join the table's
     return [dataclasses.replace(m, scorer=scorer) if isinstance(m, Fast3D) else m for m in methods]
 
 

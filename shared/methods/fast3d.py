@@ -174,7 +174,7 @@ class Fast3D(LayerMethod):
 
         visual_tokens: the span length (n·group); object_scores: (n,) per object, or None to run
         ``scorer(**gap_inputs)``. Returns (indices, info) with info = objects, objects_kept, budget
-        (tokens), scores_from, gap_seconds."""
+        (tokens), scores_from, gap_seconds and, when the scorer counts them, gap_flops."""
         group = as_int("group", group, low=1, meaning="the object group size (tokens per object)")
         if visual_tokens % group:
             raise ValueError(f"group: the visual span of {visual_tokens} tokens is not whole groups of {group}")
@@ -193,6 +193,9 @@ class Fast3D(LayerMethod):
                 object_scores = self.scorer(**gap_inputs)
             info["gap_seconds"] = time.perf_counter() - t0
             info["scores_from"] = "gap"
+            flops = getattr(self.scorer, "last_flops", None)
+            if flops is not None:
+                info["gap_flops"] = float(flops)
         else:
             info["scores_from"] = "given"
         scores = _check_scores("object_scores", torch.as_tensor(object_scores).detach().float().reshape(-1)

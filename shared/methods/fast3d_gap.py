@@ -157,16 +157,26 @@ class GapScorer:
     locs (n ≤ n_obj, 6; missing objects get zero boxes, ``pad_boxes``) — it returns (n_obj,) float32 logits
     (``gap_logits`` on a batch of one)."""
 
-    def __init__(self, model: GAPNet, tokenizer: Any) -> None:
+    def __init__(self, model: GAPNet, tokenizer: Any, count_flops: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        #: count each call's FLOPs (``torch.utils.flop_counter``; 2 per multiply-add) into ``last_flops``
+        self.count_flops = bool(count_flops)
+        self.last_flops: Optional[float] = None
 
     def __call__(self, prompt: str, obj_feats: torch.Tensor, obj_img_feats: torch.Tensor,
                  locs: torch.Tensor) -> torch.Tensor:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: expected the sample's raw prompt (str), got {type(prompt).__name__}")
         locs = pad_boxes(locs, obj_feats.shape[0])
-        return gap_logits(self.model, self.tokenizer, [prompt], obj_feats[None], obj_img_feats[None], locs[None])[0]
+        if not self.count_flops:
+            return gap_logits(self.model, self.tokenizer, [prompt], obj_feats[None], obj_img_feats[None], locs[None])[0]
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            out = gap_logits(self.model, self.tokenizer, [prompt], obj_feats[None], obj_img_feats[None], locs[None])[0]
+        self.last_flops = float(fc.get_total_flops())
+        return out
 
 
 def pad_boxes(locs: torch.Tensor, n_obj: int) -> torch.Tensor:

@@ -706,6 +706,17 @@ def test_compat_and_online_gap_through_the_driver(env, tmp_path):
             start = len(env.model.p_0_embed)
             assert call["record"].stats.stages[-1][1][0].tolist() == [start + 3 * s + g for s in top for g in range(3)]
     assert online.summary["settings"]["gap_checkpoint"] == str(ckpt.resolve())
+    # GAP's own FLOPs, counted per call, join the table's TFLOPs
+    from shared.methods.fast3d_gap import gap_cost
+
+    counting = GapScorer(*load_gap(ckpt, rob), count_flops=True)
+    b = online.calls[0]["batch"]
+    counting(b["custom_prompt"][0], b["scene_feat"][0], b["scene_img_feat"][0], b["scene_locs"][0])
+    first = online.records[FAST[0]][0]["selection"]["gap_flops"]
+    assert first == counting.last_flops > 0
+    per = env.drv.per_sample_pruning(online.out)
+    every = [r["selection"]["gap_flops"] for t in FAST for r in online.records[t]]
+    assert per["gap_flops"] == pytest.approx(sum(every) / len(every))
 
     vanilla = run_driver(env, "vanilla-fast-3", limit=3)
     header, rows, notes = env.drv.fast3d_table([vanilla.summary, canon.summary, comp.summary],
