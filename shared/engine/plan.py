@@ -161,3 +161,27 @@ class Plan:
         """Called with layer ``view.layer``'s final input, after the transition ``before_layer``
         asked for (if any). Scores taken here are those of the layer's own attention over the
         tokens it sees, even when that set was changed just before it."""
+
+
+class FixedSelectionPlan(Plan):
+    """From layer ``layer`` on, each sample keeps all its text tokens and the visual tokens ``picks[b]``
+    (indices into its visual tokens, chosen before the prefill: Fast3D's objects, a seeded random draw).
+    A sample without visual tokens keeps everything."""
+
+    def __init__(self, layer: int, picks: Sequence[torch.Tensor], request: PruningRequest) -> None:
+        self.layer, self.picks, self.request = layer, list(picks), request
+
+    def before_layer(self, view: LayerView) -> Optional[KeepSets]:
+        if view.layer != self.layer:
+            return None
+        out = []
+        for b in range(view.active.positions.shape[0]):
+            pos = view.active.positions[b][view.active.valid[b]]
+            vis = self.request.visual_positions(b)
+            if vis.numel() == 0:
+                out.append(pos)
+                continue
+            text = pos[~self.request.visual_mask[b, pos]]
+            out.append(torch.sort(torch.cat([text, vis[self.picks[b].to(vis.device)]])).values)
+        return out
+

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from ..engine.plan import LayerView, Plan, PruningRequest
+from ..engine.plan import FixedSelectionPlan, Plan, PruningRequest
 from .base import LayerMethod, as_int, register
 
 SCORE_KINDS = ("logits", "attention")
@@ -224,29 +224,7 @@ class Fast3D(LayerMethod):
                 "visual_selection: Fast3D selects objects from the host's scores; run it on a host that provides "
                 "object_groups (shared.prune(..., host='chat_scene'))"
             )
-        return _Fast3DPlan(self.layer, list(request.visual_selection), request)
-
-
-class _Fast3DPlan(Plan):
-    def __init__(self, layer: int, selection: List[torch.Tensor], request: PruningRequest) -> None:
-        self.layer = layer
-        self.selection = selection
-        self.request = request
-
-    def before_layer(self, view: LayerView):
-        if view.layer != self.layer:
-            return None
-        out = []
-        for b in range(view.active.positions.shape[0]):
-            pos = view.active.positions[b][view.active.valid[b]]
-            vis_pos = self.request.visual_positions(b)
-            if vis_pos.numel() == 0:
-                out.append(pos)
-                continue
-            chosen = vis_pos[self.selection[b].to(vis_pos.device)]
-            text = pos[~self.request.visual_mask[b, pos]]
-            out.append(torch.sort(torch.cat([text, chosen])).values)
-        return out
+        return FixedSelectionPlan(self.layer, list(request.visual_selection), request)
 
 
 __all__ = ["Fast3D", "SCORE_KINDS", "sap_object_counts", "slot_scores", "top_groups"]

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from ..engine.plan import LayerView, Plan, PruningRequest
+from ..engine.plan import FixedSelectionPlan, Plan, PruningRequest
 from .base import LayerMethod, as_fraction, as_int, register
 
 
@@ -83,26 +83,7 @@ class RandomDrop(LayerMethod):
         picks = []
         for b, n in enumerate(request.visual_counts().tolist()):
             picks.append(self.draw(int(n), request.sample_key(b)) if n else torch.zeros(0, dtype=torch.long))
-        return _RandomPlan(self.layer, picks, request)
-
-
-class _RandomPlan(Plan):
-    def __init__(self, layer: int, picks: List[torch.Tensor], request: PruningRequest) -> None:
-        self.layer, self.picks, self.request = layer, picks, request
-
-    def before_layer(self, view: LayerView):
-        if view.layer != self.layer:
-            return None
-        out = []
-        for b in range(view.active.positions.shape[0]):
-            pos = view.active.positions[b][view.active.valid[b]]
-            vis = self.request.visual_positions(b)
-            if vis.numel() == 0:
-                out.append(pos)
-                continue
-            text = pos[~self.request.visual_mask[b, pos]]
-            out.append(torch.sort(torch.cat([text, vis[self.picks[b].to(vis.device)]])).values)
-        return out
+        return FixedSelectionPlan(self.layer, picks, request)
 
 
 __all__ = ["RandomDrop", "keyed_generator"]
