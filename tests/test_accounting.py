@@ -179,8 +179,8 @@ def test_fast3d_score_ratios_recomputed_from_the_readme_figures():
 
 def test_fast3d_sap_ratio_from_gap_predictions(tmp_path):
     """Two benchmarks' GAP prediction files in the authors' format; softmax(log p) = p, so k* is read off
-    the sorted p: file A keeps 1 and 2 of 4 objects (ratio 62.5 %), file B 4 of 4 (0 %); unweighted mean
-    31.25 %."""
+    the sorted p at alpha 0.6: file A keeps 1 and 2 of 4 objects (ratio 62.5 %), file B (uniform) 3 of 4
+    (25 %); unweighted mean 43.75 %."""
     from shared.apps.paper_tables import fast3d_sap_row, sap_pruning_ratio
 
     p1 = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))  # alpha 0.6: k* = 1

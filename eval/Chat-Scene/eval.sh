@@ -22,7 +22,7 @@
 #   eval/Chat-Scene/eval.sh all ... --out out/chatscene/fast3d-vanilla --preset fast3d
 #   eval/Chat-Scene/eval.sh scanrefer ... --out out/chatscene/fastv --method fastv --method-args layer=2 keep=15
 #   eval/Chat-Scene/eval.sh scanrefer ... --out out/chatscene/gap --method fast3d --method-args layer=2 keep=15 \
-#       score_kind=attention --object-scores scanrefer=gap/infer_attn_maps_val_scanrefer.pt
+#       --object-scores scanrefer=gap/infer_attn_maps_val_scanrefer.pt       # GAP predictions (logits)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

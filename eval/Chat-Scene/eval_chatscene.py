@@ -200,6 +200,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--object-scores: {bad} are not among --tasks {args.tasks}")
     if (args.gap_checkpoint is None) != (args.roberta is None):
         parser.error("--gap-checkpoint/--roberta: give both (the GAP checkpoint and the local roberta-base folder)")
+    if args.object_scores_files and args.method not in ("fast3d",):
+        parser.error(f"--object-scores: per-object scores are read by --method fast3d only, not {args.method!r}")
     if args.gap_checkpoint and args.object_scores_files:
         parser.error("--gap-checkpoint/--object-scores: give one source of Fast3D's object scores")
     if args.compat == "fast3d":
@@ -401,8 +403,9 @@ def sample_key(batch: Dict[str, Any], i: int) -> str:
 
 def load_object_scores(task: str, path: str, n: int, field: str = "a_map") -> Dict[str, torch.Tensor]:
     """``{"<task>:<i>": (objects,) float scores}`` from a torch file holding one entry per annotation of
-    ``task`` (``n`` of them, in annotation order): a tensor, or a dict with ``field`` (Fast3D's GAP prediction
-    files, ``infer_attn_maps_val_<tag>.pt``: ``[{'a_map': ...}, ...]``); also a (n, objects) tensor."""
+    ``task`` (``n`` of them): a list in annotation order of tensors or dicts with ``field``, a dict keyed by
+    annotation index (GAP inference files, ``infer_attn_maps_val_<tag>.pt``: ``{i: {'a_map': logits}}``, the
+    authors' and ``shared.apps.fast3d_train predict``'s), or a (n, objects) tensor."""
     if not os.path.isfile(path):
         raise ValueError(f"object_scores: {path} ({task}) does not exist")
     try:
@@ -411,6 +414,16 @@ def load_object_scores(task: str, path: str, n: int, field: str = "a_map") -> Di
         data = torch.load(path, map_location="cpu")
     if isinstance(data, torch.Tensor):
         data = list(data)
+    if isinstance(data, dict):  # GAP inference files: {anno_index: {"a_map": logits}} (the authors', ours)
+        bad = sorted(k for k in data if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n)
+        if bad:
+            raise ValueError(f"object_scores: {path} has keys that are not annotation indices of {task} (0..{n - 1}): "
+                             f"{bad[:5]}")
+        missing = [i for i in range(n) if i not in data]
+        if missing:
+            raise ValueError(f"object_scores: {path} has no scores for {len(missing)} {task} annotations, e.g. "
+                             f"{missing[:5]}")
+        data = [data[i] for i in range(n)]
     if not isinstance(data, (list, tuple)) or len(data) != n:
         raise ValueError(f"object_scores: {path} must hold one entry per {task} annotation ({n}), got "
                          f"{len(data) if isinstance(data, (list, tuple)) else type(data).__name__}")
@@ -630,6 +643,10 @@ def paper_row(settings: Dict[str, Any]) -> Optional[Dict[str, str]]:
         return None
     m = methods[0]
     name, params = m.get("name"), m
+    if name == "fast3d_compat":  # the compat config of FastV (rule fastv) or GAP / GAP+SAP (rule oracle)
+        name = {"fastv": "fastv", "oracle": "fast3d"}.get(params.get("rule"))
+    if name == "fast3d" and params.get("score_kind", "logits") != "logits":
+        return None  # extracted attention maps (oracle), not GAP: the README has no such row
     kind = {"fastv": "fastv", "fast3d": "fast3d-gap+sap" if params.get("alpha") is not None else "fast3d-gap"}.get(name)
     for r in rows:
         if r["method"] != kind:
@@ -674,8 +691,11 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
             out[col] = None if v is None else float(v)
         return out
 
-    vanilla = [s for s in summaries if not (s["settings"].get("methods") or [])]
-    base = headline(vanilla[0]) if vanilla else None
+    def protocol(st: Dict[str, Any]) -> tuple:
+        return tuple(st.get(k) for k in ("identity_object_ids", "attn_implementation", "scanqa_ref_overwrite",
+                                           "max_new_tokens", "tasks"))
+
+    vanillas = [s for s in summaries if not (s["settings"].get("methods") or [])]
     paper_vanilla = next(r for r in __import__("shared").paper_figures.load("fast3d_scores") if r["method"] == "vanilla")
     header = ["method", "protocol"] + [c[0] for c in FAST3D_COLUMNS] + [
         "Score Ratio %", "pruned %", "per-sample pruned %", "TFLOPs (+GAP)", "s/sample"]
@@ -683,6 +703,9 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
     for i, s in enumerate(summaries):
         h = headline(s)
         eff, st = s["efficiency"], s["settings"]
+        # our vanilla under the same protocol: object ids, attention, ScanQA scoring, decoding, benchmarks
+        same = [v for v in vanillas if protocol(v["settings"]) == protocol(st)]
+        base = headline(same[0]) if same else None
         ok = base is not None and all(h[c] is not None and base[c] for c in h)
         ratio = score_ratio(h, base) if ok else None
         per = (per_sample[i] if per_sample is not None else None) or {}
@@ -699,7 +722,10 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
                 f"{score_ratio(paper, paper_vanilla):.2f}", "", "", "", ""])
     notes = [
         "Score Ratio: mean over the five metrics of run / our vanilla run (README rows: / the README's Chat-Scene row, "
-        "recomputed from its figures)" + ("" if base is not None else "; no vanilla run given, so none is computed"),
+        "recomputed from its figures); a run's vanilla is the method-less run with the same object ids, attention, "
+        "ScanQA scoring, decoding and benchmarks ('–' when there is none)",
+        "ScanQA B-4 follows the run's protocol: the README's figures come from upstream's raw-reference scoring, "
+        "reproduced only by --compat fast3d / --scanqa-ref-overwrite",
         "pruned %: 1 - N_avg / 300 over decoder layers and samples (the README's ratio); per-sample pruned %: min-max "
         "over samples (SAP's adaptive budget)",
         "TFLOPs: the LLM prefill (FastV convention) plus, with online GAP, GAP's own counted FLOPs; s/sample: measured "
@@ -711,8 +737,13 @@ def fast3d_table(summaries: Sequence[Dict[str, Any]], per_sample: Optional[Seque
 
 # ------------------------------------------------------------------------------------- the run
 def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims) -> Dict[str, Any]:
-    """Every setting that changes the results (run.json: a resume with other values is refused)."""
+    """Every setting that changes the results (run.json: a resume with other values is refused). An online GAP
+    scorer is recorded by its checkpoint (``gap_checkpoint``), so a ``--merge-only`` call, which loads no GAP,
+    describes the same run."""
+    import dataclasses
+
     ab = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+    unscored = [dataclasses.replace(m, scorer=None) if getattr(m, "scorer", None) is not None else m for m in methods]
     return {
         "host": "chat_scene", "tasks": list(args.tasks), "llm": ab(args.llm), "ckpt": ab(args.ckpt),
         "anno_root": ab(args.anno_root), "max_obj_num": args.max_obj_num, "lora_r": args.lora_r,
@@ -721,8 +752,10 @@ def settings(args: argparse.Namespace, methods: Sequence[Any], dims: DecoderDims
         "seed": args.seed, "identity_object_ids": args.identity_object_ids,
         "object_scores": {t: os.path.abspath(p) for t, p in sorted(args.object_scores_files.items())},
         "gap_checkpoint": ab(getattr(args, "gap_checkpoint", None)), "roberta": ab(getattr(args, "roberta", None)),
-        "scores_field": args.scores_field, "scanqa_ref_overwrite": args.scanqa_ref_overwrite, "compat": args.compat, "methods": evalkit.method_settings(methods),
-        "label": "Chat-Scene" + ("" if not methods else " + " + evalkit.method_label(methods)),
+        "scores_field": args.scores_field, "scanqa_ref_overwrite": args.scanqa_ref_overwrite, "compat": args.compat,
+        "methods": evalkit.method_settings(unscored),
+        "label": "Chat-Scene" + ("" if not methods else " + " + evalkit.method_label(unscored)
+                                 + (" [GAP online]" if getattr(args, "gap_checkpoint", None) else "")),
         "protocol": args.protocol, "dims": [dims.hidden, dims.intermediate, dims.layers, dims.heads],
     }
 

@@ -149,7 +149,8 @@ def publish_objects(
     inputs: Dict[str, Any] = {
         "group": group,
         "slot_to_object": assigned_ids.detach().cpu().long(),
-        "object_scores": host.scores_for(key),
+        # looked up only for a method that selects from them (Fast3D), so a partial mapping never fails FastV
+        "object_scores": host.scores_for(key) if getattr(session.method, "uses_selection", False) else None,
         "gap_inputs": {"prompt": prompt, "obj_feats": obj_feats, "obj_img_feats": obj_img_feats, "locs": locs},
         "key": key,
     }

@@ -198,8 +198,7 @@ class Fast3D(LayerMethod):
                 info["gap_flops"] = float(flops)
         else:
             info["scores_from"] = "given"
-        scores = _check_scores("object_scores", torch.as_tensor(object_scores).detach().float().reshape(-1)
-                               if isinstance(object_scores, torch.Tensor) else object_scores, n)
+        scores = _check_scores("object_scores", object_scores, n).detach().float()
         if self.score_kind == "logits" and self.alpha is not None and _looks_like_attention(scores):
             sap_object_counts(scores, self.alpha)  # raises with the explanation
         per_slot = slot_scores(scores, slot_to_object)

@@ -4,6 +4,7 @@ generation (greedy and beam, with and without a cache) equal to the masking refe
 schedule the method must produce."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -12,7 +13,6 @@ import torch
 from shared import Fast3D, RandomDrop, pruning
 from shared.engine.adapters import patched_forward
 from shared.methods.fast3d import sap_object_counts, slot_scores, top_groups
-from shared.methods.random_drop import keyed_generator
 
 from . import reference, tiny
 from .test_generation import L_SEQ, STEPS, VIS, _generate, _prompts
@@ -63,7 +63,12 @@ def test_fast3d_host_selection_and_refusals():
     assert idx.tolist() == [0, 1, 2, 6, 7, 8] and info["objects_kept"] == 2 and info["scores_from"] == "given"
     sap = Fast3D(layer=0, alpha=0.99)
     _, info = sap.host_selection(12, group=3, slot_to_object=None, object_scores=scores)
-    assert info["budget"] == 3 * int(sap_object_counts(scores, 0.99))
+    # softmax([3, -1, 2, 0.5]) sorted = 0.681, 0.251, 0.056, 0.012: cumulative 0.932 < 0.988 < 0.99 -> all 4
+    assert info["budget"] == 12
+    with pytest.raises(ValueError, match=r"^object_scores: expected a float tensor"):
+        m.host_selection(12, group=3, object_scores=torch.tensor([3, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"^object_scores: expected shape \(4,\)"):
+        m.host_selection(12, group=3, object_scores=scores[None])
     calls = []
     online = Fast3D(layer=0, keep=3, scorer=lambda **kw: calls.append(kw) or scores)
     idx, info = online.host_selection(12, group=3, gap_inputs={"prompt": "p"})
@@ -128,10 +133,14 @@ def test_random_baseline_is_seeded_per_sample_and_equals_the_reference(kind, imp
     keys = ["scene0011_00|4|q1", "scene0015_00|0|q7"]
     draws = []
     for key in keys:
-        groups = torch.randperm(N // GROUP, generator=keyed_generator(3, key))[:3]
+        # the documented rule written out: seed = first 8 bytes (little-endian, 63 bits) of sha256("3\0key")
+        digest = hashlib.sha256(f"3\x00{key}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        groups = torch.randperm(N // GROUP, generator=gen)[:3]
         draws.append(torch.sort((groups[:, None] * GROUP + torch.arange(GROUP)).flatten()).values)
         assert torch.equal(method.draw(N, key), draws[-1])
     assert not torch.equal(draws[0], draws[1])
+    assert draws[0].tolist() == [0, 1, 2, 18, 19, 20, 21, 22, 23]  # whole triplets
     layers = len(model.model.layers)
     schedules = [_fast3d_schedule(layers, 1, VIS[0] + d) for d in draws]
     with torch.no_grad():

@@ -721,12 +721,49 @@ def test_compat_and_online_gap_through_the_driver(env, tmp_path):
     vanilla = run_driver(env, "vanilla-fast-3", limit=3)
     header, rows, notes = env.drv.fast3d_table([vanilla.summary, canon.summary, comp.summary],
                                                [env.drv.per_sample_pruning(r.out) for r in (vanilla, canon, comp)])
+    assert not any(r[0].startswith("  Fast3D README: w/") for r in rows)  # K=1 R=9: the README has no such row
+    # compat configs map to the README row of their canonical method; extracted attention maps to none
+    assert env.drv.paper_row({"methods": [{"name": "fast3d_compat", "rule": "oracle", "layer": 2, "keep": 15,
+                                           "alpha": None}]})["row"] == "fast3d_gap_90"
+    assert env.drv.paper_row({"methods": [{"name": "fast3d", "layer": 2, "keep": 15, "alpha": None,
+                                           "score_kind": "attention"}]}) is None
     assert header[2:7] == ["ScanRefer Acc@0.5", "Multi3dRefer F1@0.5", "Scan2Cap B-4@0.5", "ScanQA B-4", "SQA3D EM-R"]
     assert rows[0][0] == "Chat-Scene" and rows[1][0].startswith("  Fast3D README: Chat-Scene")
     assert rows[1][7] == "100.00"  # the README's vanilla against itself
     # FAST runs have no Scan2Cap/ScanQA/SQA3D: no Score Ratio is claimed for them
     assert rows[0][7] == "–" and "no vanilla" not in notes[0]
-    assert "scorer=<GapScorer>" in online.summary["settings"]["label"]
+    assert online.summary["settings"]["label"].endswith("[GAP online]")
+    assert online.summary["settings"]["methods"][0]["scorer"] is None  # recorded by gap_checkpoint instead
+
+    # online GAP on 2 ranks, then --merge-only (which loads no GAP): the same run.json, the one-process records
+    gap_flags = ("--method", "fast3d", "--method-args", "layer=0", "alpha=0.4", "--gap-checkpoint", str(ckpt),
+                 "--roberta", rob)
+    out = tmp_path / "gap-sharded"
+    for rank in (1, 0):
+        run_driver(env, "", *gap_flags, out=out, limit=2,
+                   run_env={"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    merged = run_driver(env, "", *gap_flags, out=out, limit=2, merge_only=True,
+                        run_env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+    def plain(recs):
+        return [{k: ({a: b for a, b in v.items() if a != "gap_seconds"} if k == "selection" else v)
+                 for k, v in r.items() if k != "seconds"} for r in recs]
+
+    assert {t: plain(r) for t, r in merged.records.items()} == {t: plain(r) for t, r in online.records.items()}
+
+    # GAP inference files keyed by annotation index (the authors' and `fast3d_train predict`'s format) give
+    # the same run as the list format
+    as_dict = {}
+    for t in FAST:
+        as_dict[t] = tmp_path / f"dict_{t}.pt"
+        torch.save({i: e for i, e in enumerate(torch.load(files[t]))}, as_dict[t])
+    keyed = run_driver(env, "fast3d-dict", "--method", "fast3d", "--method-args", "layer=1", "keep=9",
+                       "--object-scores", *[f"{t}={p}" for t, p in as_dict.items()], "--preset", "fast3d", limit=3)
+    assert [r["pred"] for t in FAST for r in keyed.records[t]] == [r["pred"] for t in FAST for r in canon.records[t]]
+    torch.save({0: torch.load(files[FAST[0]])[0]}, as_dict[FAST[0]])
+    with pytest.raises(ValueError, match=r"^object_scores: .* has no scores for \d+ scanrefer annotations"):
+        run_driver(env, "", "--method", "fast3d", "--method-args", "layer=1", "keep=9",
+                   "--object-scores", f"{FAST[0]}={as_dict[FAST[0]]}", tasks=(FAST[0],), out=tmp_path / "bad", limit=1)
 
 
 def test_fast3d_table_score_ratio_against_our_vanilla(env):
@@ -746,6 +783,10 @@ def test_fast3d_table_score_ratio_against_our_vanilla(env):
     _, rows, _ = env.drv.fast3d_table([vanilla, fastv])
     assert [r[7] for r in rows] == ["100.00", "100.00", "99.74", "99.74"]
     assert rows[3][0] == "  Fast3D README: w/ FastV 35%"
+    # a run under another protocol (Fast3D's identity object ids) is not divided by this vanilla
+    fastv["settings"]["identity_object_ids"] = not vanilla["settings"]["identity_object_ids"]
+    _, rows, _ = env.drv.fast3d_table([vanilla, fastv])
+    assert [r[7] for r in rows] == ["100.00", "100.00", "–", "99.74"]
 
 
 # ---------------------------------------------------------------------------- GAP training targets
