@@ -1161,12 +1161,7 @@ def main_table(argv: Sequence[str]) -> None:
     p.add_argument("--runs", nargs="+", required=True, help="run directories (each with summary.json)")
     p.add_argument("--out", required=True, help="output base path: writes <out>.md and <out>.csv")
     a = p.parse_args(argv)
-    summaries = []
-    for d in a.runs:
-        f = Path(d) / "summary.json"
-        if not f.exists():
-            raise ValueError(f"runs: {d} has no summary.json (run or --merge-only it first)")
-        summaries.append(json.loads(f.read_text(encoding="utf-8")))
+    summaries = evalkit.load_summaries(a.runs)
     header, rows, notes = table(summaries)
     print(evalkit.write_table(header, rows, notes, Path(a.out)))
     header, rows, notes = fast3d_table(summaries, [per_sample_pruning(Path(d)) for d in a.runs])

@@ -591,13 +591,7 @@ def _grid_tokens(runner: evalkit.Run, bench: QABenchmark) -> Optional[int]:
 
 
 def combine(args: argparse.Namespace) -> int:
-    summaries = []
-    for d in args.runs:
-        p = os.path.join(d, "summary.json")
-        if not os.path.exists(p):
-            raise SystemExit(f"runs: {d} has no summary.json (finish that run first)")
-        with open(p, encoding="utf-8") as fh:
-            summaries.append(json.load(fh))
+    summaries = evalkit.load_summaries(args.runs)
     header, rows, notes = table(summaries)
     print(evalkit.write_table(header, rows, notes, Path(args.out) / "table"))
     return 0

@@ -288,6 +288,17 @@ class Run:
         return True
 
 
+def load_summaries(run_dirs: Sequence[Any]) -> List[Dict[str, Any]]:
+    """The ``summary.json`` of each run directory, in order (for a table combining several runs)."""
+    out = []
+    for d in run_dirs:
+        f = Path(d) / "summary.json"
+        if not f.exists():
+            raise ValueError(f"runs: {d} has no summary.json (finish that run, or --merge-only it, first)")
+        out.append(json.loads(f.read_text(encoding="utf-8")))
+    return out
+
+
 def write_table(header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str], base: Path) -> str:
     """``base``.md and ``base``.csv; returns the markdown."""
     import csv
