@@ -275,7 +275,8 @@ class AdaToken3D(LayerMethod):
     fitted: the fitted ``AdaTokenSchedule`` (not named ``schedule``: that is ``LayerMethod.schedule``, the per-layer
     token counts). visual_tokens: N (default: the schedule's); every sample must bring
     exactly N visual tokens. prune_layers: optional 0-based layers that rank and drop (each to the budget of that
-    layer); default every layer whose budget drops.
+    layer); default every layer whose budget drops. positions: "compact" (survivors renumbered after each drop, as
+    the released PDrop) or "original".
     """
 
     fitted: AdaTokenSchedule
