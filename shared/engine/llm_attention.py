@@ -13,6 +13,8 @@ to bf16 before any head mean); the kept sets are those of the float32 probabilit
 """
 from __future__ import annotations
 
+from typing import Iterator, Tuple
+
 import torch
 
 from .adapters import DecoderAdapter, rotate_half
@@ -57,3 +59,34 @@ def attention_rows(
     logits = logits.masked_fill(~visible.unsqueeze(1), torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     return probs.mean(dim=1)
+
+
+@torch.no_grad()
+def prefill_attention_chunks(
+    adapter: DecoderAdapter,
+    inputs_embeds: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    query_slots: torch.Tensor,
+    chunk: int,
+) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Drive an unpruned prefill layer by layer and yield the attention rows of ``query_slots`` in chunks.
+
+    inputs_embeds: (B, n, d); positions: (B, n); key_valid: (B, n) bool (padding mask);
+    query_slots: (B, R) slot indices of the query rows (pad short samples with any valid slot and
+    weight those rows 0). Yields ``(layer_idx, r0, probs)`` for every layer and every
+    ``r0 = 0, chunk, 2·chunk, …`` with probs = ``attention_rows`` of ``query_slots[:, r0:r0 + chunk]``,
+    (B, c, n) float32. Memory: one layer's activations plus (heads × chunk × n).
+    """
+    hidden = inputs_embeds
+    n_rows = query_slots.shape[1]
+    mask = adapter.attention_mask(key_valid, hidden.shape[1], hidden.dtype)
+    pos_emb = adapter.position_embeddings(hidden, positions)
+    with adapter.rope_shim() as shim:
+        if shim is not None:
+            shim.min_len = int(positions.max()) + 1
+        for j in range(adapter.num_layers):
+            for r0 in range(0, n_rows, chunk):
+                yield j, r0, attention_rows(adapter, j, hidden, positions, key_valid, query_slots[:, r0:r0 + chunk])
+            if j + 1 < adapter.num_layers:
+                hidden = adapter.call_layer(j, hidden, mask, positions, None, False, pos_emb)

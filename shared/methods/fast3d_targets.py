@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..engine.adapters import DecoderAdapter
-from ..engine.llm_attention import attention_rows
+from ..engine.llm_attention import prefill_attention_chunks
 
 IntOrTensor = Union[int, Sequence[int], torch.Tensor]
 
@@ -115,28 +115,20 @@ def object_attention_targets(
     else:
         pos = position_ids.to(device).reshape(-1, length).expand(batch, length)
 
-    hidden = inputs_embeds
-    mask = ad.attention_mask(valid, length, hidden.dtype)
-    pos_emb = ad.position_embeddings(hidden, pos)
     cols = (vs[:, None] + torch.arange(span, device=device)[None, :])  # (B, V)
     sum_all = torch.zeros(batch, n_obj, dtype=torch.float32, device=device)
     sum_q = torch.zeros_like(sum_all)
     max_rows = int(rows.max())
-    with ad.rope_shim() as shim:
-        if shim is not None:
-            shim.min_len = int(pos.max()) + 1
-        for j in range(ad.num_layers):
-            for r0 in range(0, max_rows, chunk):
-                offs = torch.arange(r0, min(r0 + chunk, max_rows), device=device)[None, :]  # (1, c)
-                slots = q0[:, None] + torch.minimum(offs, rows[:, None] - 1)  # (B, c)
-                probs = attention_rows(ad, j, hidden, pos, valid, slots)  # (B, c, L)
-                vis = probs.gather(2, cols[:, None, :].expand(-1, slots.shape[1], -1))
-                per_obj = vis.view(batch, slots.shape[1], n_obj, group).sum(-1)  # (B, c, n_obj)
-                w_all = (offs < rows[:, None]).float()
-                w_q = (offs < nq[:, None]).float()
-                sum_all += (per_obj * w_all[..., None]).sum(1)
-                sum_q += (per_obj * w_q[..., None]).sum(1)
-            hidden = ad.call_layer(j, hidden, mask, pos, None, False, pos_emb)
+    slots = q0[:, None] + torch.minimum(torch.arange(max_rows, device=device)[None, :], rows[:, None] - 1)  # (B, R)
+    for _, r0, probs in prefill_attention_chunks(ad, inputs_embeds, pos, valid, slots, chunk):  # probs (B, c, L)
+        c = probs.shape[1]
+        offs = torch.arange(r0, r0 + c, device=device)[None, :]  # (1, c)
+        vis = probs.gather(2, cols[:, None, :].expand(-1, c, -1))
+        per_obj = vis.view(batch, c, n_obj, group).sum(-1)  # (B, c, n_obj)
+        w_all = (offs < rows[:, None]).float()
+        w_q = (offs < nq[:, None]).float()
+        sum_all += (per_obj * w_all[..., None]).sum(1)
+        sum_q += (per_obj * w_q[..., None]).sum(1)
     layers = float(ad.num_layers)
     return sum_all / (rows[:, None].float() * layers), sum_q / (nq[:, None].float() * layers)
 
