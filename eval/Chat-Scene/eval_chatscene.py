@@ -179,18 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str]) -> None:
+    """Expand ``--tasks`` and check the flags that must be >= 1 (``positive``, and ``--limit`` when given)."""
     try:
         args.tasks = expand_tasks(args.tasks)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("max_obj_num", "lora_r", "lora_alpha", "max_new_tokens"):
+    for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit: expected >= 1, got {args.limit}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common(parser, args, ("max_obj_num", "lora_r", "lora_alpha", "max_new_tokens"))
     try:
         args.object_scores_files = evalkit.parse_kv(args.object_scores, "--object-scores")
     except ValueError as e:
@@ -887,15 +892,7 @@ def build_targets_parser() -> argparse.ArgumentParser:
 def parse_targets_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_targets_parser()
     args = parser.parse_args(list(argv))
-    try:
-        args.tasks = expand_tasks(args.tasks)
-    except ValueError as e:
-        parser.error(str(e))
-    for name in ("max_obj_num", "lora_r", "lora_alpha", "chunk"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit: expected >= 1, got {args.limit}")
+    check_common(parser, args, ("max_obj_num", "lora_r", "lora_alpha", "chunk"))
     args.protocol, _ = evalkit.apply_preset(args, parser, PRESETS, args.preset)
     return args
 

@@ -76,6 +76,30 @@ def sap_object_counts(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return k.clamp(max=n).long()
 
 
+def given_or_online_scores(object_scores: Any, scorer: Optional[Callable[..., torch.Tensor]],
+                           gap_inputs: Optional[Dict[str, Any]], owner: str) -> Tuple[Any, Dict[str, Any]]:
+    """The host's per-object scores, or (None given) ``scorer(**gap_inputs)`` run under no_grad and timed.
+    Returns (scores, info): info has scores_from ("given" | "gap"), and for GAP gap_seconds and, when the
+    scorer counts them, gap_flops."""
+    if object_scores is not None:
+        return object_scores, {"scores_from": "given"}
+    if scorer is None:
+        raise ValueError(
+            f"object_scores: {owner} needs per-object scores: give the host option object_scores= (e.g. GAP "
+            f"predictions keyed by sample) or {owner}(scorer=...) to run GAP online"
+        )
+    if gap_inputs is None:
+        raise ValueError("gap_inputs: the host gave no GAP inputs for the online scorer")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        scores = scorer(**gap_inputs)
+    info: Dict[str, Any] = {"scores_from": "gap", "gap_seconds": time.perf_counter() - t0}
+    flops = getattr(scorer, "last_flops", None)
+    if flops is not None:
+        info["gap_flops"] = float(flops)
+    return scores, info
+
+
 def slot_scores(object_scores: torch.Tensor, slot_to_object: Any) -> torch.Tensor:
     """Scores in slot order: slot i carries object ``slot_to_object[i]`` (Chat-Scene's assigned_ids).
 
@@ -179,25 +203,8 @@ class Fast3D(LayerMethod):
         if visual_tokens % group:
             raise ValueError(f"group: the visual span of {visual_tokens} tokens is not whole groups of {group}")
         n = visual_tokens // group
-        info: Dict[str, Any] = {"objects": n}
-        if object_scores is None:
-            if self.scorer is None:
-                raise ValueError(
-                    "object_scores: Fast3D needs per-object scores: give the host option object_scores= (e.g. GAP "
-                    "predictions keyed by sample) or Fast3D(scorer=...) to run GAP online"
-                )
-            if gap_inputs is None:
-                raise ValueError("gap_inputs: the host gave no GAP inputs for the online scorer")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                object_scores = self.scorer(**gap_inputs)
-            info["gap_seconds"] = time.perf_counter() - t0
-            info["scores_from"] = "gap"
-            flops = getattr(self.scorer, "last_flops", None)
-            if flops is not None:
-                info["gap_flops"] = float(flops)
-        else:
-            info["scores_from"] = "given"
+        object_scores, got = given_or_online_scores(object_scores, self.scorer, gap_inputs, "Fast3D")
+        info: Dict[str, Any] = {"objects": n, **got}
         scores = _check_scores("object_scores", object_scores, n).detach().float()
         if self.score_kind == "logits" and self.alpha is not None and _looks_like_attention(scores):
             sap_object_counts(scores, self.alpha)  # raises with the explanation
@@ -226,4 +233,4 @@ class Fast3D(LayerMethod):
         return FixedSelectionPlan(self.layer, list(request.visual_selection), request)
 
 
-__all__ = ["Fast3D", "SCORE_KINDS", "sap_object_counts", "slot_scores", "top_groups"]
+__all__ = ["Fast3D", "SCORE_KINDS", "given_or_online_scores", "sap_object_counts", "slot_scores", "top_groups"]

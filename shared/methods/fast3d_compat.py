@@ -36,7 +36,6 @@ are separate configs on the token engine; ``compat(method)`` turns one into this
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
@@ -170,19 +169,14 @@ class Fast3DCompat:
         """
         if self.rule != "oracle":
             raise ValueError(f"rule: only rule='oracle' takes a host selection, this config has rule={self.rule!r}")
-        info: Dict[str, Any] = {}
-        if object_scores is None:
-            if self.scorer is None:
-                raise ValueError(
-                    "object_scores: the oracle rule needs one score per object slot (GAP logits or a map): the host "
-                    "option object_scores=, or Fast3DCompat(scorer=...) to run GAP online"
-                )
-            if gap_inputs is None:
-                raise ValueError("gap_inputs: the host gave no GAP inputs for the online scorer")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                object_scores = self.scorer(**gap_inputs)
-            info["gap_seconds"] = time.perf_counter() - t0
+        from .fast3d import given_or_online_scores
+
+        if object_scores is None and self.scorer is None:
+            raise ValueError(
+                "object_scores: the oracle rule needs one score per object slot (GAP logits or a map): the host "
+                "option object_scores=, or Fast3DCompat(scorer=...) to run GAP online"
+            )
+        object_scores, info = given_or_online_scores(object_scores, self.scorer, gap_inputs, "Fast3DCompat")
         scores = torch.as_tensor(object_scores).detach()
         if scores.dim() != 1 or not scores.is_floating_point() or scores.numel() == 0:
             raise ValueError(f"object_scores: expected a non-empty 1-D float tensor, got {scores.dtype} {tuple(scores.shape)}")
