@@ -42,6 +42,32 @@ def test_adatoken_table3_vanilla_and_pdrop():
     assert "λ=0.5 gives 5.42" in rows["Table III pdrop"].note
 
 
+def test_adatoken_table3_row_comes_from_the_fitted_schedule(tmp_path):
+    """4.57 T: the SLSQP schedule (linear INF, r = 0.1) gives a pure exponential 1 → 0.1; recomputed here from
+    that closed form and the FastV formula by hand, independent of fit_schedule and accounting."""
+    d, m, t, n = 4096, 11008, 71, 1986
+    keep = [t + max(1, math.floor(0.1 ** ((i - 1) / 31) * n)) for i in range(1, 33)]
+    keep = [min(keep[:j + 1]) for j in range(32)]
+    by_hand = sum(4 * k * d * d + 2 * k * k * d + 2 * k * d * m for k in keep) / 1e12
+    rows = {r.row: r for r in all_rows() if r.paper == "AdaToken-3D"}
+    ada = rows["Table III adatoken3d"]
+    assert ada.status == "ok" and abs(ada.ours - 4.57) <= 0.03
+    assert ada.ours == pytest.approx(by_hand, abs=2e-3)  # floor(O·N) may differ by one token at a layer
+    assert "ranking not counted; its 31 ranking points add" in ada.note
+    # a calibrated schedule file replaces the stand-in: a slower curve costs more
+    from shared.methods.adatoken import fit_schedule
+
+    slow = fit_schedule([-(i ** 0.5) for i in range(32)], 0.1, visual_tokens=n)
+    path = tmp_path / "schedule.json"
+    path.write_text(slow.to_json(), encoding="utf-8")
+    mine = {r.row: r for r in all_rows(adatoken_schedule=str(path)) if r.paper == "AdaToken-3D"}["Table III adatoken3d"]
+    assert str(path) in mine.config and mine.ours != ada.ours
+    bad = tmp_path / "short.json"
+    bad.write_text(fit_schedule([-float(i) for i in range(8)], 0.1, visual_tokens=n).to_json(), encoding="utf-8")
+    with pytest.raises(ValueError, match="^--adatoken-schedule: .*8 layers"):
+        all_rows(adatoken_schedule=str(bad))
+
+
 #: Text tokens of a LISA RefCOCO/ReasonSeg prompt, from its structure (LISA note §3): N_sys = 35,
 #: N_usr = 21 ("left guy") … 32 (a ten-word expression), N_out = 3, so T lies in [59, 70]. The
 #: papers never state T; this range is independent of their tables. The 336-px baselines sit lower.

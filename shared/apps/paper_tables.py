@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..accounting import CONVENTIONS, DIMS, DecoderDims, FlopsConvention, n_avg, prefill_flops, ranking_flops, stage_schedule
 from .. import paper_figures
@@ -193,27 +193,95 @@ def lvlm_csp_rows(rows: List[Dict[str, str]]) -> List[Row]:
     return out
 
 
-def adatoken_rows(rows: List[Dict[str, str]]) -> List[Row]:
+#: AdaToken-3D's FLOPs row comes from a schedule fitted by ``fit_schedule`` at this r (Table II/III "ratio 10%").
+ADATOKEN_R = 0.10
+
+
+def adatoken_linear_inf_schedule(layers: int = 32, r: float = ADATOKEN_R, visual_tokens: int = ADATOKEN_VISUAL):
+    """The schedule SLSQP fits (Eq.5-7, O(1) = 1, O(L) = r) to an INF that falls linearly with depth: the
+    stand-in for a calibrated curve when no ``--adatoken-schedule`` is given (the note's §6.6 reading)."""
+    from ..methods.adatoken import fit_schedule
+
+    return fit_schedule([float(-i) for i in range(layers)], r, visual_tokens=visual_tokens,
+                        provenance={"calibration": "none: INF falling linearly with depth (paper_tables stand-in)"})
+
+
+def _adatoken_schedule(path: str):
+    from ..methods.adatoken import AdaTokenSchedule
+
+    if not path:
+        return adatoken_linear_inf_schedule(), "fitted to a linearly falling INF"
+    with open(path, encoding="utf-8") as f:
+        sched = AdaTokenSchedule.from_json(f.read())
+    if sched.num_layers != DIMS["llama-7b"].layers:
+        raise ValueError(f"--adatoken-schedule: {path} is fitted for {sched.num_layers} layers, LLaVA-3D has 32")
+    return sched, f"calibrated ({path})"
+
+
+def adatoken_variants(schedule: Any = None) -> List[Tuple[str, List[int], List[int]]]:
+    """(method, tokens per layer, tokens at each ranking point) for Table III's three rows at n₀ = 71 + 1986."""
+    t, n, layers = ADATOKEN_TEXT, ADATOKEN_VISUAL, DIMS["llama-7b"].layers
+    sched = schedule if schedule is not None else adatoken_linear_inf_schedule()
+    lam = ADATOKEN_PDROP_RETENTION ** (1.0 / 3.0)
+    pd = PyramidDrop(layers=(8, 16, 24), ratio=lam).schedule(n, layers)
+    ada = sched.budgets_for(n)
+    ada_rank = [t + ada[i - 1] for i in range(1, layers) if ada[i] < ada[i - 1]]
+    return [("vanilla", [n + t] * layers, []),
+            ("pdrop", [v + t for v in pd], [t + pd[layer - 1] for layer in (8, 16, 24)]),
+            ("adatoken-3d", [v + t for v in ada], ada_rank)]
+
+
+def adatoken_rows(rows: List[Dict[str, str]], schedule_path: str = "") -> List[Row]:
     dims, conv = DIMS["llama-7b"], CONVENTIONS["fastv"]
     t, n = ADATOKEN_TEXT, ADATOKEN_VISUAL
+    sched, source = _adatoken_schedule(schedule_path)
+    per = {name: (tokens, rank) for name, tokens, rank in adatoken_variants(sched)}
     out = []
     for r in rows:
         pub = _num(r["tflops"])
         if r["method"] == "vanilla":
-            ours = prefill_flops([n + t] * dims.layers, dims, conv) / 1e12
+            ours = prefill_flops(per["vanilla"][0], dims, conv) / 1e12
             out.append(Row("AdaToken-3D", f"Table III {r['row']}", f"n={n + t} tokens, 32 layers", "TFLOPs", pub,
                            round(ours, 3), 0.01))
         elif r["method"] == "pdrop":
-            lam = ADATOKEN_PDROP_RETENTION ** (1.0 / 3.0)
-            pd = PyramidDrop(layers=(8, 16, 24), ratio=lam)
-            vis = pd.schedule(n, dims.layers)
-            base = prefill_flops([v + t for v in vis], dims, conv)
-            rank = ranking_flops([t + vis[layer - 1] for layer in pd.layers], dims, conv)
+            tokens, rank = per["pdrop"]
+            base, extra = prefill_flops(tokens, dims, conv), ranking_flops(rank, dims, conv)
             out.append(Row("AdaToken-3D", f"Table III {r['row']}", f"PDrop λ=0.1^(1/3) on [8,16,24], ranking counted",
-                           "TFLOPs", pub, round((base + rank) / 1e12, 3), 0.01,
+                           "TFLOPs", pub, round((base + extra) / 1e12, 3), 0.01,
                            f"{base / 1e12:.3f} without the ranking projections; "
                            f"λ=0.5 gives {prefill_flops([v + t for v in PyramidDrop(ratio=0.5).schedule(n, 32)], dims, conv) / 1e12:.3f}"))
+        elif r["method"] == "adatoken-3d":
+            tokens, rank = per["adatoken-3d"]
+            base, extra = prefill_flops(tokens, dims, conv), ranking_flops(rank, dims, conv)
+            out.append(Row("AdaToken-3D", f"Table III {r['row']}",
+                           f"schedule {source}, r={sched.r:g} (α={sched.alpha:.3f}, β={sched.beta:.4f}, "
+                           f"L_c={sched.L_c:.2f}, M={sched.M:.3f})", "TFLOPs", pub, round(base / 1e12, 3), TFLOPS_TOL,
+                           f"ranking not counted; its {len(rank)} ranking points add {extra / 1e12:.3f}"))
     return out
+
+
+def adatoken_variant_table(schedule_path: str = "") -> str:
+    """Table III's three rows under every counting convention, with the ranking overhead (TFLOPs)."""
+    dims = DIMS["llama-7b"]
+    sched, source = _adatoken_schedule(schedule_path)
+    head = "| method | FastV/PDrop (4nd²+2n²d+2ndm) | ranking | SwiGLU-exact (3ndm) | true FLOPs (2 × SwiGLU-exact) |"
+    lines = [f"AdaToken-3D Table III by convention (n₀ = {ADATOKEN_TEXT} + {ADATOKEN_VISUAL}; AdaToken-3D: {source})",
+             head, "|---|---|---|---|---|"]
+    for name, tokens, rank in adatoken_variants(sched):
+        f = [prefill_flops(tokens, dims, CONVENTIONS[c]) / 1e12 for c in ("fastv", "swiglu", "exact")]
+        rk = ranking_flops(rank, dims, CONVENTIONS["fastv"]) / 1e12
+        lines.append(f"| {name} | {f[0]:.3f} | +{rk:.3f} ({len(rank)} points) | {f[1]:.3f} | {f[2]:.3f} |")
+    # the token count at which the SwiGLU-exact count gives the paper's 11.46 for the unpruned model
+    lo, hi = 1, 4096
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prefill_flops([mid] * dims.layers, dims, CONVENTIONS["swiglu"]) / 1e12 < 11.46:
+            lo = mid + 1
+        else:
+            hi = mid
+    lines.append(f"(SwiGLU-exact would need n = {lo} tokens for the paper's 11.46 T; true FLOPs are 2× the "
+                 "SwiGLU-exact MAC count.)")
+    return "\n".join(lines)
 
 
 def segpruner_rows(rows: List[Dict[str, str]]) -> List[Row]:
@@ -228,16 +296,18 @@ def segpruner_rows(rows: List[Dict[str, str]]) -> List[Row]:
     return out
 
 
-def all_rows(tables: str = "", fast3d_predictions: Sequence[str] = (), fast3d_alpha: Optional[float] = None) -> List[Row]:
+def all_rows(tables: str = "", fast3d_predictions: Sequence[str] = (), fast3d_alpha: Optional[float] = None,
+             adatoken_schedule: str = "") -> List[Row]:
     """Every row, from the packaged figures or from CSV files of the same names in ``tables``;
-    ``fast3d_predictions``: GAP prediction files for the SAP pruning-ratio row."""
+    ``fast3d_predictions``: GAP prediction files for the SAP pruning-ratio row; ``adatoken_schedule``: a
+    calibrated schedule JSON for the AdaToken-3D row (default: the fit to a linearly falling INF)."""
     f3 = paper_figures.load("fast3d", tables)
     return (
         fast3d_rows(f3)
         + fast3d_score_rows(paper_figures.load("fast3d_scores", tables))
         + [fast3d_sap_row(f3, fast3d_predictions, fast3d_alpha)]
         + lvlm_csp_rows(paper_figures.load("lvlm_csp", tables))
-        + adatoken_rows(paper_figures.load("adatoken3d", tables))
+        + adatoken_rows(paper_figures.load("adatoken3d", tables), adatoken_schedule)
         + segpruner_rows(paper_figures.load("segpruner", tables))
     )
 
@@ -263,9 +333,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--fast3d-predictions", nargs="+", default=[], metavar="FILE",
                     help="GAP prediction files (one per benchmark) for the SAP pruning-ratio row")
     ap.add_argument("--fast3d-alpha", type=float, default=None, help="SAP alpha (default: the README's 0.21)")
+    ap.add_argument("--adatoken-schedule", default="", metavar="JSON",
+                    help="a schedule from `python -m shared.adatoken calibrate` for the AdaToken-3D row (default: "
+                         "the SLSQP fit to a linearly falling INF at r=0.1)")
     args = ap.parse_args(argv)
-    rows = all_rows(args.tables, args.fast3d_predictions, args.fast3d_alpha)
+    rows = all_rows(args.tables, args.fast3d_predictions, args.fast3d_alpha, args.adatoken_schedule)
     print(format_rows(rows))
+    print()
+    print(adatoken_variant_table(args.adatoken_schedule))
     bad = [r for r in rows if r.status == "INCONSISTENT"]
     ok = sum(r.status == "ok" for r in rows)
     print(f"\n{ok} figures reproduced, {len(bad)} inconsistent in the papers, "
