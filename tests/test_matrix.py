@@ -2,8 +2,10 @@
 (transformers 5.x, tiny models of the real classes) every ✔ cell runs — keeping everything equals the
 unpruned model bit for bit, a pruning config keeps what its schedule says — and every ✘ cell is
 refused naming the need. The fork hosts' cells run on their real patched code in
-``tests/hosts/test_lisa_real.py`` (LISA, transformers 4.31) and ``tests/hosts/test_llava_next_fork.py``
-(LLaVA-NeXT, 4.40)."""
+``tests/hosts/test_lisa_real.py`` (LISA, transformers 4.31), ``tests/hosts/test_llava_next_fork.py``
+(LLaVA-NeXT, 4.40), ``tests/hosts/test_chat_scene_real.py`` (Chat-Scene, 4.39.3) and
+``tests/hosts/test_llava_3d_fork.py::test_matrix_cell_on_the_fork`` (LLaVA-3D, 4.37.2; it skips in CI, which has
+no LLaVA-3D source: no snapshot is shared)."""
 from __future__ import annotations
 
 from pathlib import Path
