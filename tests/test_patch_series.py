@@ -12,7 +12,7 @@ HOSTS = sorted(p.name for p in (ROOT / "patches").iterdir() if p.is_dir() and an
 
 
 def test_the_series_that_exist():
-    assert HOSTS == ["Chat-Scene", "LISA", "LLaVA-NeXT"]
+    assert HOSTS == ["Chat-Scene", "LISA", "LLaVA-3D", "LLaVA-NeXT"]
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -120,7 +120,7 @@ def session_of(module: nn.Module) -> Any:
 
 
 def _load_all() -> None:
-    from . import chat_scene, hf_llava, hf_onevision, lisa, llava_next  # noqa: F401 - registration
+    from . import chat_scene, hf_llava, hf_onevision, lisa, llava_3d, llava_next  # noqa: F401 - registration
 
 
 def option_tuple(value: Any) -> Tuple[Any, ...]:

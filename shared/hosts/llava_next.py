@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..scoring import received_attention, tower_layers
+from . import splice
 from .base import HostAdapter, register_host, session_of
 from .selection import (
     DEFAULT_PATCH,
@@ -203,33 +204,20 @@ def segment_mask(segments: Sequence[torch.Tensor]) -> torch.Tensor:
     """Visual-token mask of one sample's spliced sequence.
 
     segments: the splice loop's ``cur_new_input_embeds`` list, alternating text and image features
-    [text_0, image_0, text_1, image_1, ..., text_n]. Returns (sum of lengths,) bool, True on images.
+    [text_0, image_0, text_1, image_1, ..., text_n]. Returns (sum of lengths,) bool, True on images
+    (``shared.hosts.splice.segment_mask``).
     """
-    parts = [torch.full((int(s.shape[0]),), i % 2 == 1, dtype=torch.bool) for i, s in enumerate(segments)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+    return splice.segment_mask(segments)
 
 
 def padded_visual_mask(masks: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
-    """Place per-sample visual masks (untruncated, (n_b,) bool) on the padded batch.
-
-    attention_mask: (B, L) of the padded spliced batch, True on each sample's kept tokens (a
-    contiguous run, left- or right-aligned). Truncation keeps the first tokens of a sample, so its
-    valid run holds the first ``attention_mask[b].sum()`` entries of ``masks[b]``.
-    Returns (B, L) bool.
-    """
-    valid = attention_mask.bool()
-    if len(masks) != valid.shape[0]:
-        raise ValueError(
-            f"masks: expected {valid.shape[0]} per-sample masks, got {len(masks)}; LLaVA-NeXT zips the batch with "
-            "`modalities` when truncating, so a batch of B prompts needs modalities=['image'] * B"
-        )
-    out = torch.zeros_like(valid)
-    for b, m in enumerate(masks):
-        n = int(valid[b].sum())
-        if n > m.shape[0]:
-            raise ValueError(f"attention_mask: sample {b} has {n} valid tokens but its spliced sequence only {m.shape[0]}")
-        out[b, valid[b]] = m[:n].to(out.device)
-    return out
+    """Place per-sample visual masks (untruncated, (n_b,) bool) on the padded (B, L) batch
+    (``shared.hosts.splice.padded_visual_mask``)."""
+    return splice.padded_visual_mask(
+        masks, attention_mask,
+        hint="; LLaVA-NeXT zips the batch with `modalities` when truncating, so a batch of B prompts needs "
+             "modalities=['image'] * B",
+    )
 
 
 def publish_visual_mask(model: nn.Module, masks: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:

@@ -4,7 +4,8 @@ The project never holds a host's files (submodules are gitlinks; ``patches/<Host
 series). A test that runs the real patched host code gets a patched tree from:
 
 1. the checked-out submodule ``<repo>/<Host>`` (a git checkout with files that has the pinned
-   commit): cloned into a temporary directory, the pin checked out, the series applied;
+   commit): cloned into a temporary directory, the pin checked out, the series applied (a sparse
+   submodule lends its patterns to the copy, see ``sparse_patterns``);
 2. else the text-only snapshot ``../shared/upstream/<Host>-<pin[:12]>.tar.gz`` (relative to the
    repo root; see its README): unpacked into a temporary directory, committed to a fresh
    repository there, the series applied. Its commit id is not the pin; ``Source.kind`` says which;
@@ -173,8 +174,12 @@ def materialise(source: Source, dest: Path, patches_dir: Optional[Path] = None) 
     if dest.exists():
         raise ValueError(f"dest: expected a path that does not exist yet, got {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    sparse: Optional[Tuple[str, ...]] = None
     if source.kind == "submodule":
         _git(dest.parent, "clone", "--quiet", "--no-checkout", str(source.path), str(dest))
+        sparse = sparse_patterns(source.path)
+        if sparse:
+            _git(dest, "sparse-checkout", "set", "--no-cone", *sparse)
         _git(dest, "checkout", "--quiet", "--detach", source.pin)
         base = source.pin
     elif source.kind == "snapshot":
@@ -187,7 +192,9 @@ def materialise(source: Source, dest: Path, patches_dir: Optional[Path] = None) 
         base = _git(dest, "rev-parse", "HEAD").stdout.strip()
     else:
         raise ValueError(f"source.kind: expected 'submodule' or 'snapshot', got {source.kind!r}")
-    if series:
+    if series and sparse:
+        _apply_missing_ok(dest, series, source)
+    elif series:
         r = _git(dest, "am", "--quiet", "--3way", "--committer-date-is-author-date", *map(str, series), check=False)
         if r.returncode != 0:
             _git(dest, "am", "--abort", check=False)
@@ -196,6 +203,50 @@ def materialise(source: Source, dest: Path, patches_dir: Optional[Path] = None) 
                 f"(pin {source.pin[:12]}):\n{r.stdout}{r.stderr}"
             )
     return PatchedTree(dest, source, base, series)
+
+
+def sparse_patterns(repo: Path) -> Optional[Tuple[str, ...]]:
+    """The sparse-checkout patterns of a checkout, None when it is not sparse.
+
+    A submodule may be a sparse checkout of a partial clone or mirror that lacks some blobs (LLaVA-3D's
+    mirror here has no ``meteor-1.5.jar``: ``git sparse-checkout set --no-cone '/*' '!*.jar'``). The
+    materialised copy reuses the patterns, so its checkout never needs those blobs."""
+    if _git(repo, "config", "--bool", "core.sparseCheckout", check=False).stdout.strip() != "true":
+        return None
+    r = _git(repo, "sparse-checkout", "list", check=False)
+    patterns = tuple(ln for ln in r.stdout.splitlines() if ln.strip())
+    return patterns if r.returncode == 0 and patterns else None
+
+
+def _apply_missing_ok(dest: Path, series: Sequence[Path], source: Source) -> None:
+    """``git am`` for a sparse checkout whose repository lacks blobs outside the patterns: ``git am``
+    writes its trees with ``git write-tree``, which refuses missing objects. Per patch: ``git mailinfo``,
+    ``git apply --index``, ``git write-tree --missing-ok``, ``git commit-tree`` with the patch's author
+    and date (committer date = author date, as ``--committer-date-is-author-date``)."""
+    scratch = Path(tempfile.mkdtemp(prefix="mailinfo-", dir=dest.parent))
+    try:
+        for patch in series:
+            msg, body = scratch / "msg", scratch / "patch"
+            env = {**os.environ, **_GIT_ENV}
+            info = subprocess.run(["git", "mailinfo", str(msg), str(body)], input=patch.read_text(), cwd=str(dest),
+                                  env=env, text=True, capture_output=True, check=True).stdout
+            fields = dict(ln.split(": ", 1) for ln in info.splitlines() if ": " in ln)
+            r = _git(dest, "apply", "--index", str(body), check=False)
+            if r.returncode != 0:
+                raise RuntimeError(
+                    f"patches/{source.host}: {patch.name} does not apply on the {source.kind} {source.path} "
+                    f"(pin {source.pin[:12]}):\n{r.stdout}{r.stderr}"
+                )
+            tree = _git(dest, "write-tree", "--missing-ok").stdout.strip()
+            text = fields.get("Subject", patch.stem) + ("\n\n" + msg.read_text() if msg.read_text().strip() else "\n")
+            date = fields.get("Date", _GIT_ENV["GIT_AUTHOR_DATE"])
+            cenv = {**env, "GIT_AUTHOR_NAME": fields.get("Author", ""), "GIT_AUTHOR_EMAIL": fields.get("Email", ""),
+                    "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+            commit = subprocess.run(["git", *_IDENT, "commit-tree", tree, "-p", "HEAD", "-F", "-"], input=text,
+                                    cwd=str(dest), env=cenv, text=True, capture_output=True, check=True).stdout.strip()
+            _git(dest, "update-ref", "HEAD", commit)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 _CACHE: Dict[str, PatchedTree] = {}
@@ -257,6 +308,7 @@ __all__ = [
     "materialise",
     "patched_tree",
     "pin_of",
+    "sparse_patterns",
     "tree_or_skip",
     "unavailable",
     "use_tree",
