@@ -66,6 +66,11 @@ run_suite ".venvs/yolo (accelerate) + transformers $LATEST: Fast3D GAP training,
 run_suite "transformers 4.39.3 + .venvs/yolo (torchvision): real patched Chat-Scene through eval/Chat-Scene/eval_chatscene.py" \
     env PYTHONPATH=".venvs/tf-4.39.3" HOST_TESTS_REQUIRED=1 \
     .venvs/yolo/bin/python -m pytest tests/hosts/test_chat_scene_real.py -q -p no:cacheprovider "$@"
+# LLaVA-3D's eval driver end to end on the tiny real patched LLaVA-3D (4.37.2; its processor imports cv2); skips
+# without the LLaVA-3D submodule (LLaVA-3D has no snapshot)
+run_suite "transformers 4.37.2 + .venvs/yolo (cv2): eval/LLaVA-3D/eval_llava3d.py on the real patched LLaVA-3D" \
+    env PYTHONPATH=".venvs/tf-4.37.2" HOST_TESTS_REQUIRED=1 \
+    .venvs/yolo/bin/python -m pytest tests/hosts/test_llava_3d_eval.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo (segment-anything): SAM mask source, standalone and shared-encoder, on tiny random SAMs" \
