@@ -139,6 +139,16 @@ def test_fitted_loads_from_a_path_and_bad_paths_or_json_are_refused(tmp_path):
         assert m.fitted == given and m.fitted_schedule == s and m.schedule(24, 4) == [24, 15, 9, 6]
     by_name = shared.get_method("adatoken3d", fitted=str(path), prune_layers=(2,))
     assert isinstance(by_name, AdaToken3D) and by_name.schedule(24, 4) == [24, 24, 9, 9]
+    import argparse
+
+    from shared.evalkit.cli import add_method_args, method_settings, methods_from_args
+
+    cli = argparse.ArgumentParser()
+    add_method_args(cli)
+    (m,) = methods_from_args(cli.parse_args(["--method", "adatoken3d", "--method-args", f"fitted={path}",
+                                             "positions='original'"]))
+    assert m.fitted_schedule == s and m.positions == "original"
+    assert method_settings([m])[0]["fitted"] == str(path)  # run.json records which schedule file ran
     with pytest.raises(ValueError, match="^fitted: no schedule JSON at .*missing.json"):
         AdaToken3D(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="^fitted: no schedule JSON at"):

@@ -24,7 +24,8 @@ def test_matched_presets_keep_floor_r_n_at_the_last_stage_for_every_scene_size(n
     getcontext().prec = 40
     lam = Decimal(MATCHED[name]) ** (Decimal(1) / Decimal(3))
     assert (p.layers, p.positions) == ((8, 16, 24), "compact")
-    assert round(p.ratio, 3) == {"matched_r10": 0.464, "matched_r20": 0.585, "matched_r40": 0.737}[name]  # the note's λ
+    # the note's λ values
+    assert round(p.ratio, 3) == {"matched_r10": 0.464, "matched_r20": 0.585, "matched_r40": 0.737}[name]
     for n in range(1, 2561):
         kept = p.keep_counts(n)
         assert kept[-1] == (r * n).numerator // (r * n).denominator, n
@@ -50,5 +51,6 @@ def test_presets_build_from_the_evaluation_command_line(name):
     add_method_args(p)
     (m,) = methods_from_args(p.parse_args(["--method", "pdrop", "--method-args", f"preset={name}"]))
     assert isinstance(m, PyramidDrop) and m == PRESETS[name]
-    (o,) = methods_from_args(p.parse_args(["--method", "pdrop", "--method-args", f"preset={name}", "positions='original'"]))
+    (o,) = methods_from_args(p.parse_args(["--method", "pdrop", "--method-args", f"preset={name}",
+                                           "positions='original'"]))
     assert o.positions == "original" and o.stage_ratios() == m.stage_ratios()

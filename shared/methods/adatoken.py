@@ -316,7 +316,8 @@ class AdaToken3D(LayerMethod):
         sched = _load_fitted(self.fitted)
         ret = sched.retention
         if ret[0] != 1.0:
-            raise ValueError(f"fitted: expected O(1) = 1 (layer 0 sees every spatial token), got retention[0] = {ret[0]}")
+            raise ValueError(f"fitted: expected O(1) = 1 (layer 0 sees every spatial token), "
+                             f"got retention[0] = {ret[0]}")
         if any(not 0.0 <= o <= 1.0 for o in ret):
             raise ValueError(f"fitted: expected retention fractions in [0, 1], got {list(ret)}")
         self._fitted = sched

@@ -90,9 +90,9 @@ class _PDropPlan(Plan):
 
 def matched(r: float, layers: Sequence[int] = (8, 16, 24), positions: str = "compact") -> PyramidDrop:
     """PyramidDrop whose last stage keeps the fraction ``r`` of the N visual tokens (AdaToken-3D's "ratio r",
-    note §6.5 item 7): λ = r^(1/S) over the S stages, per-stage ratios (λ, λ², …, λ^(S−1), r) with the last one
-    exactly ``r``, so the last stage keeps int(N·r) = ⌊r·N⌋ (for r = 0.1, 0.2, 0.4 the double nearest r lies above r,
-    so int() never falls one short)."""
+    note §6.5 item 7): λ = r^(1/S) over the S stages, per-stage ratios (λ, λ², …, λ^(S−1), r) with the last
+    one exactly ``r``, so the last stage keeps int(N·r) = ⌊r·N⌋ (for r = 0.1, 0.2, 0.4 the double nearest r lies
+    above r, so int() never falls one short)."""
     r = as_fraction("r", r, meaning="the last stage's retention")
     layers = tuple(layers)
     lam = r ** (1.0 / len(layers))
