@@ -7,6 +7,7 @@ reproduces the papers' figures (``shared.accounting``).
 """
 from .engine import pruning
 from .methods import (
+    AdaToken3D,
     Fast3D,
     FastV,
     LVLMCSP,
@@ -23,6 +24,7 @@ from .session import ForwardRecord, PruningSession, prune
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdaToken3D",
     "Fast3D",
     "FastV",
     "ForwardRecord",

@@ -1,6 +1,7 @@
 """AdaToken-3D's schedule maths (Eq.1–7, SLSQP fit, budgets, JSON) against hand-derived figures."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -109,9 +110,84 @@ def test_method_schedule_is_the_budgets_and_prune_layers_sample_them():
     assert list(s.budgets) == [24, 15, 9, 6]  # 24 · 0.25^(i/3) = 24, 15.1, 9.5, 6
     assert AdaToken3D(s).schedule(24, 4) == [24, 15, 9, 6]
     assert AdaToken3D(s, prune_layers=(2,)).schedule(24, 4) == [24, 24, 9, 9]
+    # any N: ⌊30 · 0.25^(i/3)⌋ = 30, 18.9, 11.9, 7.5; ⌊3 · …⌋ = 3, 1.9, 1.19, 0.75 → at least 1
+    assert AdaToken3D(s).schedule(30, 4) == [30, 18, 11, 7]
+    assert AdaToken3D(s).schedule(3, 4) == [3, 1, 1, 1]
+    assert AdaToken3D(s).schedule(0, 4) == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="^visual_tokens:"):
-        AdaToken3D(s).schedule(30, 4)
+        AdaToken3D(s, visual_tokens=24).schedule(30, 4)
     with pytest.raises(ValueError, match="^fitted:"):
         AdaToken3D(s).schedule(24, 6)
     with pytest.raises(ValueError, match="^prune_layers:"):
         AdaToken3D(s, prune_layers=(2, 1))
+    with pytest.raises(ValueError, match="^prune_layers:"):
+        AdaToken3D(s, prune_layers=(0, 2)).schedule(24, 4)
+    with pytest.raises(ValueError, match="^positions:"):
+        AdaToken3D(s, positions="shifted")
+    with pytest.raises(ValueError, match="^visual_tokens:"):
+        AdaToken3D(s, visual_tokens=0)
+
+
+def test_fitted_loads_from_a_path_and_bad_paths_or_json_are_refused(tmp_path):
+    import shared
+
+    s = fit_schedule(np.linspace(1, 0, 4), 0.25, visual_tokens=24)
+    path = tmp_path / "schedule.json"
+    path.write_text(s.to_json(), encoding="utf-8")
+    for given in (path, str(path)):
+        m = AdaToken3D(given)
+        assert m.fitted == given and m.fitted_schedule == s and m.schedule(24, 4) == [24, 15, 9, 6]
+    by_name = shared.get_method("adatoken3d", fitted=str(path), prune_layers=(2,))
+    assert isinstance(by_name, AdaToken3D) and by_name.schedule(24, 4) == [24, 24, 9, 9]
+    import argparse
+
+    from shared.evalkit.cli import add_method_args, method_settings, methods_from_args
+
+    cli = argparse.ArgumentParser()
+    add_method_args(cli)
+    (m,) = methods_from_args(cli.parse_args(["--method", "adatoken3d", "--method-args", f"fitted={path}",
+                                             "positions='original'"]))
+    assert m.fitted_schedule == s and m.positions == "original"
+    assert method_settings([m])[0]["fitted"] == str(path)  # run.json records which schedule file ran
+    with pytest.raises(ValueError, match="^fitted: no schedule JSON at .*missing.json"):
+        AdaToken3D(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="^fitted: no schedule JSON at"):
+        AdaToken3D(str(tmp_path))  # a directory
+    bad = tmp_path / "bad.json"
+    for text in ("{not json", '{"r": 0.1}', "[1, 2]", '{"r": 0.1, "theta": 3, "retention": [1], "budgets": [1], '
+                 '"visual_tokens": 1, "provenance": {}}', s.to_json().replace('"budgets": [', '"budgets": [-1, ')):
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match="^fitted: .*bad.json.* is not an AdaToken-3D schedule JSON"):
+            AdaToken3D(bad)
+    for wrong in (3, None, b"schedule.json", {"r": 0.1}):
+        with pytest.raises(ValueError, match="^fitted: expected an AdaTokenSchedule or the path of its JSON"):
+            AdaToken3D(wrong)
+    # a schedule whose first layer does not keep everything, or retains more than everything
+    d = json.loads(s.to_json())
+    for retention, budgets in (([0.9, 0.5, 0.3, 0.25], [21, 12, 7, 6]), ([1.0, 1.2, 0.3, 0.25], [24, 24, 7, 6])):
+        d["retention"], d["budgets"] = retention, budgets
+        bad.write_text(json.dumps(d), encoding="utf-8")
+        with pytest.raises(ValueError, match=r"^fitted: expected (O\(1\) = 1|retention fractions in \[0, 1\])"):
+            AdaToken3D(bad)
+
+
+def test_a_plan_drops_each_sample_to_its_own_budget():
+    """Stage layers: every layer where some sample's budget drops; per stage, each sample's count there."""
+    import torch
+
+    from shared.engine.plan import PruningRequest
+
+    def request(spans):
+        mask = torch.zeros(len(spans), 30, dtype=torch.bool)
+        for b, (a, e) in enumerate(spans):
+            mask[b, a:e] = True
+        return PruningRequest(visual_mask=mask, query_index=torch.full((len(spans),), 29))
+
+    s = fit_schedule(np.linspace(1, 0, 4), 0.25, visual_tokens=24)
+    m = AdaToken3D(s)
+    assert m.schedule(24, 4) == [24, 15, 9, 6] and m.schedule(5, 4) == [5, 3, 1, 1] and m.schedule(2, 4) == [2, 1, 1, 1]
+    plan = m.make_plan(request([(2, 26), (2, 7), (2, 4)]), 4)
+    assert plan.stage_of == {1: 0, 2: 1, 3: 2}
+    assert plan.counts == [[15, 9, 6], [3, 1, 1], [1, 1, 1]]  # the N=2 sample keeps its one token at layers 2, 3
+    only_small = m.make_plan(request([(2, 4)]), 4)
+    assert only_small.stage_of == {1: 0} and only_small.counts == [[1]]

@@ -60,10 +60,12 @@ def _onevision():
 HOSTS = {"hf_llava": _llava, "hf_onevision": _onevision}
 
 
-def _keep_everything(label, method, n, host):
+def _keep_everything(label, method, n, host, layers):
     """The row's method configured to keep every visual token (None: the method cannot)."""
     from dataclasses import replace
 
+    if label == "adatoken3d":
+        return matrix.adatoken_keep_all(layers)
     if label.startswith("fastv") or label == "random":
         return replace(method, keep=None, keep_ratio=1.0)
     if label.startswith("pdrop"):
@@ -75,10 +77,12 @@ def _keep_everything(label, method, n, host):
     return None
 
 
-def _tiny_sizes(label, method):
-    """The row's method at sizes a 16-patch image allows."""
+def _tiny_sizes(label, method, layers):
+    """The row's method at sizes a 16-patch image allows (AdaToken-3D fitted for the host's ``layers``)."""
     from dataclasses import replace
 
+    if label == "adatoken3d":
+        return matrix.adatoken_row(layers)
     if label.startswith("prumerge"):
         return replace(method, adaptive=False, reduction_ratio=0.25, neighbours=4)
     if label == "visionzip":
@@ -108,8 +112,9 @@ def test_cell(host, label):
         from shared.segfirst import masks_to_grid
 
         options["grid_masks"] = [masks_to_grid(torch.ones(1, 60, 80, dtype=torch.bool), size=56, patch=14)]
-    method = _tiny_sizes(label, method)
-    full = _keep_everything(label, method, n, host)
+    layers = getattr(model.config, "text_config", model.config).num_hidden_layers
+    method = _tiny_sizes(label, method, layers)
+    full = _keep_everything(label, method, n, host, layers)
     with torch.no_grad():
         stock = model(**inputs).logits
         if full is not None:

@@ -14,21 +14,23 @@ original N spatial tokens present in layer i's input.
 - Eq.7 𝐋(θ)      = Σ (O(i) − I(i))² + λ·Σ (O'(i) − I'(i))², central differences (``np.gradient``), λ = 1
 - SLSQP on θ = (α, β, L_c, M) with O(1) = 1, O(L) = r; α ∈ [0.5, 1.2], β ∈ [1e-3, 5], L_c ∈ [1, L], M ∈ [0, 1];
   initial guess (0.8, 0.1, 1, 0).
-- Budgets k_i = max(1, ⌊O(i)·N⌋), made non-increasing; the engine ranks as the released PyramidDrop does (the
-  consuming layer's q/k, last prompt token, compact positions) at every layer whose budget drops.
+- Budgets k_i = max(1, ⌊O(i)·N_b⌋) per sample (N_b: that sample's spatial tokens; LLaVA-3D's voxel count varies by
+  scene), made non-increasing; the engine ranks as the released PyramidDrop does (the consuming layer's q/k, last
+  prompt token, compact positions) at every layer where some sample's budget drops.
 """
 from __future__ import annotations
 
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..engine.plan import Plan, PruningRequest
-from .base import LayerMethod, as_int, check_layer_index
+from .base import LayerMethod, as_int, check_layer_index, register
 from .pyramid_drop import _PDropPlan
 
 #: Eq.2–4 constants (§6.5 item 3)
@@ -268,29 +270,59 @@ def fit_schedule(inf_curve: Sequence[float], r: float, visual_tokens: int, lam: 
                             budgets=tuple(budgets_for(o, visual_tokens)), visual_tokens=visual_tokens, provenance=prov)
 
 
+def _load_fitted(value: object) -> AdaTokenSchedule:
+    """``fitted`` as a schedule: an ``AdaTokenSchedule`` as is, a path (str / PathLike) read as its JSON."""
+    if isinstance(value, AdaTokenSchedule):
+        return value
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"fitted: expected an AdaTokenSchedule or the path of its JSON (AdaTokenSchedule.to_json), "
+                         f"got {value!r} ({type(value).__name__})")
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        raise ValueError(f"fitted: no schedule JSON at {path!r} (expected the file AdaTokenSchedule.to_json wrote)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return AdaTokenSchedule.from_json(f.read())
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"fitted: {path!r} is not an AdaToken-3D schedule JSON ({type(e).__name__}: {e})") from None
+
+
+@register("adatoken3d")
 @dataclass
 class AdaToken3D(LayerMethod):
     """AdaToken-3D's inference plan: the fitted schedule's budgets, ranked as the released PyramidDrop ranks.
 
-    fitted: the fitted ``AdaTokenSchedule`` (not named ``schedule``: that is ``LayerMethod.schedule``, the per-layer
-    token counts). visual_tokens: N (default: the schedule's); every sample must bring
-    exactly N visual tokens. prune_layers: optional 0-based layers that rank and drop (each to the budget of that
-    layer); default every layer whose budget drops. positions: "compact" (survivors renumbered after each drop, as
-    the released PDrop) or "original".
+    fitted: the fitted ``AdaTokenSchedule``, or the path (str / PathLike) of its JSON; the loaded schedule is
+    ``fitted_schedule`` (the field keeps what was given, so a run records the path). Not named ``schedule``: that
+    is ``LayerMethod.schedule``, the per-layer token counts.
+
+    Budgets are per sample: a sample with N_b spatial tokens keeps k_i = ``fitted_schedule.budgets_for(N_b)``
+    (max(1, ⌊O(i)·N_b⌋), non-increasing) from layer i − 1 on, so LLaVA-3D scenes with different voxel counts
+    each follow the curve. Ranking happens at every layer where some sample's budget drops (a sample whose budget
+    does not drop there keeps all its tokens); ``prune_layers`` (0-based, >= 1) restricts ranking to those layers,
+    each sample dropping to its own budget of that layer. Layer 0 never drops (O(1) = 1 is required).
+
+    visual_tokens: optional N; when given, every sample with visual tokens must bring exactly N (a guard for a
+    fixed-geometry run) and ``schedule`` accepts only N. positions: "compact" (survivors renumbered after each
+    drop, as the released PDrop) or "original".
     """
 
-    fitted: AdaTokenSchedule
+    fitted: Union[AdaTokenSchedule, str, os.PathLike]
     visual_tokens: Optional[int] = None
     prune_layers: Optional[Sequence[int]] = None
     positions: str = "compact"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fitted, AdaTokenSchedule):
-            raise ValueError(f"fitted: expected an AdaTokenSchedule (fit_schedule / from_json), got "
-                             f"{type(self.fitted).__name__}")
-        if self.visual_tokens is None:
-            self.visual_tokens = self.fitted.visual_tokens
-        self.visual_tokens = as_int("visual_tokens", self.visual_tokens, low=1, meaning="a number of visual tokens")
+        sched = _load_fitted(self.fitted)
+        ret = sched.retention
+        if ret[0] != 1.0:
+            raise ValueError(f"fitted: expected O(1) = 1 (layer 0 sees every spatial token), "
+                             f"got retention[0] = {ret[0]}")
+        if any(not 0.0 <= o <= 1.0 for o in ret):
+            raise ValueError(f"fitted: expected retention fractions in [0, 1], got {list(ret)}")
+        self._fitted = sched
+        if self.visual_tokens is not None:
+            self.visual_tokens = as_int("visual_tokens", self.visual_tokens, low=1, meaning="a number of visual tokens")
         if self.prune_layers is not None:
             if isinstance(self.prune_layers, (str, bytes)) or not isinstance(self.prune_layers, Iterable):
                 raise ValueError(f"prune_layers: expected a sequence of layer indices, got {self.prune_layers!r}")
@@ -301,43 +333,43 @@ class AdaToken3D(LayerMethod):
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions: expected 'original' or 'compact', got {self.positions!r}")
 
+    @property
+    def fitted_schedule(self) -> AdaTokenSchedule:
+        """The schedule ``fitted`` names (loaded once, at construction)."""
+        return self._fitted
+
     def validate_for(self, num_layers: int) -> None:
-        if num_layers != self.fitted.num_layers:
-            raise ValueError(f"fitted: fitted for {self.fitted.num_layers} layers, the decoder has {num_layers}")
+        if num_layers != self._fitted.num_layers:
+            raise ValueError(f"fitted: fitted for {self._fitted.num_layers} layers, the decoder has {num_layers}")
         for x in self.prune_layers or ():
             check_layer_index("prune_layers", x, num_layers)
 
-    def _stages(self, num_layers: int) -> List[Tuple[int, int]]:
-        """(0-based layer, visual tokens kept from it on) at each ranking point."""
-        self.validate_for(num_layers)
-        full = self.fitted.budgets_for(self.visual_tokens)
-        layers = self.prune_layers if self.prune_layers is not None else range(1, num_layers)
-        out: List[Tuple[int, int]] = []
-        cur = self.visual_tokens
-        for layer in layers:
-            if full[layer] < cur:
-                cur = full[layer]
-                out.append((layer, cur))
-        return out
+    def _check_count(self, n: int) -> None:
+        if self.visual_tokens is not None and n and n != self.visual_tokens:
+            raise ValueError(f"visual_tokens: this config is for N = {self.visual_tokens} visual tokens per sample, "
+                             f"got a sample with {n}")
 
     def schedule(self, visual_tokens: int, num_layers: int) -> List[int]:
-        """Visual tokens each layer sees: the budgets (or their samples at ``prune_layers``) for N."""
-        n = as_int("visual_tokens", visual_tokens, low=1, meaning="a number of visual tokens")
-        if n != self.visual_tokens:
-            raise ValueError(f"visual_tokens: this config's budgets are for N = {self.visual_tokens}, got {n}")
+        """(num_layers,) visual tokens each layer sees for a sample with N = ``visual_tokens``: the budgets for
+        N (or their samples at ``prune_layers``); all 0 for N = 0."""
+        n = as_int("visual_tokens", visual_tokens, low=0, meaning="a number of visual tokens")
+        self._check_count(n)
+        self.validate_for(num_layers)
         out = [n] * num_layers
-        for layer, k in self._stages(num_layers):
+        if n == 0:
+            return out
+        full = self._fitted.budgets_for(n)
+        cur = n
+        for layer in (self.prune_layers if self.prune_layers is not None else range(1, num_layers)):
+            cur = min(cur, full[layer])
             for j in range(layer, num_layers):
-                out[j] = k
+                out[j] = cur
         return out
 
     def make_plan(self, request: PruningRequest, num_layers: int) -> Plan:
-        counts = [int(n) for n in request.visual_counts()]
-        if any(n != self.visual_tokens for n in counts):
-            raise ValueError(f"visual_tokens: this config's budgets are for N = {self.visual_tokens} visual tokens "
-                             f"per sample, the prefill has {counts}")
-        stages = self._stages(num_layers)
-        return _PDropPlan([layer for layer, _ in stages], [[k for _, k in stages] for _ in counts])
+        per = [self.schedule(int(n), num_layers) for n in request.visual_counts()]
+        layers = [j for j in range(1, num_layers) if any(s[j] < s[j - 1] for s in per)]
+        return _PDropPlan(layers, [[s[j] for j in layers] for s in per])
 
 
 __all__ = [

@@ -88,5 +88,24 @@ class _PDropPlan(Plan):
         return view.keep_top_visual(view.attention(), [c[s] for c in self.counts])
 
 
-#: ``paper``: the released configuration and rule (λ = 0.5 at layers 8/16/24 of 32, compact positions).
-PRESETS: Dict[str, PyramidDrop] = {"paper": PyramidDrop(layers=(8, 16, 24), ratio=0.5, positions="compact")}
+def matched(r: float, layers: Sequence[int] = (8, 16, 24), positions: str = "compact") -> PyramidDrop:
+    """PyramidDrop whose last stage keeps the fraction ``r`` of the N visual tokens (AdaToken-3D's "ratio r",
+    note §6.5 item 7): λ = r^(1/S) over the S stages, per-stage ratios (λ, λ², …, λ^(S−1), r) with the last
+    one exactly ``r``, so the last stage keeps int(N·r) = ⌊r·N⌋ (for r = 0.1, 0.2, 0.4 the double nearest r lies
+    above r, so int() never falls one short)."""
+    r = as_fraction("r", r, meaning="the last stage's retention")
+    layers = tuple(layers)
+    lam = r ** (1.0 / len(layers))
+    ratios = tuple(lam ** (s + 1) for s in range(len(layers) - 1)) + (r,)
+    return PyramidDrop(layers=layers, ratio=lam, ratios=ratios, positions=positions)
+
+
+#: Presets (``--method pdrop --method-args preset=NAME``), all with the released rule (compact positions):
+#:
+#: - ``paper``: the released configuration, λ = 0.5 at layers 8/16/24 of 32 (stages keep 50/25/12.5 %);
+#: - ``matched_r10`` / ``matched_r20`` / ``matched_r40``: AdaToken-3D's comparison at ratio r = 10/20/40 %,
+#:   λ = r^(1/3) ≈ 0.464 / 0.585 / 0.737 at layers 8/16/24, the last stage keeping ⌊r·N⌋ (``matched``).
+PRESETS: Dict[str, PyramidDrop] = {
+    "paper": PyramidDrop(layers=(8, 16, 24), ratio=0.5, positions="compact"),
+    **{f"matched_r{round(r * 100)}": matched(r) for r in (0.1, 0.2, 0.4)},
+}

@@ -606,10 +606,13 @@ def test_matrix_cell_on_chat_scene(env, label):
         return
     n = 3 * OBJ
     scores = {"object_scores": lambda key: torch.linspace(-1, 1, OBJ).roll(len(key) % OBJ)}
+    layers = env.model.llama_model.config.num_hidden_layers
     full = {"fastv": lambda m: replace(m, keep=None, keep_ratio=1.0), "random": lambda m: replace(m, keep=None, keep_ratio=1.0),
             "pdrop": lambda m: replace(m, ratio=1.0), "fast3d": lambda m: replace(m, keep=n),
+            "adatoken3d": lambda m: matrix.adatoken_keep_all(layers),
             "lvlm_csp": lambda m: replace(m, cluster_tokens=n, prune_tokens=n)}[method.name](method)
-    small = replace(method, cluster_tokens=12, prune_tokens=6) if method.name == "lvlm_csp" else method
+    small = (replace(method, cluster_tokens=12, prune_tokens=6) if method.name == "lvlm_csp"
+             else matrix.adatoken_row(layers) if method.name == "adatoken3d" else method)
     batch, stock, _ = answer(env, env.model, "scanqa", 1)
     _, pred, call, session = _session_answer(env, [full], "scanqa", 1, **scores)
     assert pred == stock, f"{label}: keeping every object token changed the answer"

@@ -718,8 +718,11 @@ def test_matrix_cell_on_lisa(env, label):
     with torch.no_grad(), env.lb.cpu_cuda_calls():
         stock = model(**batch)["pred_masks"][0]
         if method.stage == "llm":
+            if method.name == "adatoken3d":  # a schedule fits one layer count: LISA's tiny LLaMA has LAYERS
+                method = matrix.adatoken_row(LAYERS)
             full = {"fastv": lambda m: replace(m, keep=None, keep_ratio=1.0), "pdrop": lambda m: replace(m, ratio=1.0),
                     "random": lambda m: replace(m, keep=None, keep_ratio=1.0),
+                    "adatoken3d": lambda m: matrix.adatoken_keep_all(LAYERS),
                     }.get(method.name, lambda m: replace(m, cluster_tokens=N, prune_tokens=N))(method)
             with shared.prune(model, full, **opts):
                 out = model(**batch)["pred_masks"][0]

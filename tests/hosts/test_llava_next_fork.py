@@ -126,10 +126,15 @@ def test_fork_check_script_runs_in_process(env, capsys):
     assert "fork check OK" in capsys.readouterr().out
 
 
-def _fork_method(label, method, n):
-    """A matrix row's method at the fork's sizes: (pruning config, keep-everything config or None)."""
+def _fork_method(label, method, n, layers):
+    """A matrix row's method at the fork's sizes and ``layers`` decoder layers: (pruning config,
+    keep-everything config or None)."""
     from dataclasses import replace
 
+    from shared.apps import matrix
+
+    if label == "adatoken3d":
+        return matrix.adatoken_row(layers), matrix.adatoken_keep_all(layers)
     if label.startswith("fastv") or label == "random":
         return method, replace(method, keep=None, keep_ratio=1.0)
     if label.startswith("pdrop"):
@@ -161,7 +166,7 @@ def test_matrix_cell_on_the_fork(env, label):
             with shared.prune(model, method, **opts):
                 pass
         return
-    prune_cfg, full = _fork_method(label, method, n)
+    prune_cfg, full = _fork_method(label, method, n, model.config.num_hidden_layers)
     with torch.no_grad():
         stock = model.generate(env.ids, max_new_tokens=3, **kw)
         with shared.prune(model, full, **opts) as session:
