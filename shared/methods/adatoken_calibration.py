@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.adapters import DecoderAdapter
-from ..engine.llm_attention import attention_rows, prefill_attention_chunks
+from ..engine.adapters import DecoderAdapter, rotate_half
+from ..engine.llm_attention import prefill_attention_chunks
 from ..engine.request import build_request, expansion_factor
 from ..engine.runner import DecoderRunner, PrefillStats
 from .adatoken import SpanBlockSums
@@ -199,6 +199,46 @@ def accumulate(a: SpanBlockSums, b: SpanBlockSums) -> SpanBlockSums:
 
 
 # ----------------------------------------------------------------------------- session runner
+def layer_row_chunks(
+    adapter: DecoderAdapter,
+    layer_idx: int,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    query_slots: torch.Tensor,
+    chunk: int,
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """``engine.llm_attention.attention_rows`` of ``query_slots[:, r0:r0 + chunk]`` for r0 = 0, chunk, …, with
+    the layer's normed input, RoPE tables and rotated keys computed once per layer (not once per chunk).
+
+    hidden: (B, n, d) the layer's input; positions: (B, n); key_valid: (B, n) bool; query_slots: (B, R).
+    Yields (r0, (B, c, n) float32 head-averaged probabilities). Extra memory: K (B, heads, n, head_dim) in the
+    model's dtype plus (B, heads, chunk, n) float32."""
+    layer = adapter.layers[layer_idx]
+    attn = layer.self_attn
+    batch, n, _ = hidden.shape
+    hd, h, hkv = adapter.head_dim, adapter.num_heads, adapter.num_kv_heads
+    x = layer.input_layernorm(hidden)
+    cos, sin = adapter.cos_sin(layer_idx, x, positions)  # (B, n, hd)
+    k = attn.k_proj(x).view(batch, n, hkv, hd).transpose(1, 2)  # (B, Hkv, n, hd)
+    k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+    k_t = k.transpose(2, 3)
+    k_slot = torch.arange(n, device=hidden.device).view(1, 1, n)
+    for r0 in range(0, query_slots.shape[1], chunk):
+        slots = query_slots[:, r0:r0 + chunk]
+        c = slots.shape[1]
+        xq = x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        q = attn.q_proj(xq).view(batch, c, h, hd).transpose(1, 2)  # (B, H, c, hd)
+        idx = slots.unsqueeze(-1).expand(-1, -1, hd)
+        q = q * cos.gather(1, idx).unsqueeze(1) + rotate_half(q) * sin.gather(1, idx).unsqueeze(1)
+        logits = torch.matmul(q, k_t) * adapter.scaling  # (B, H, c, n)
+        visible = (k_slot <= slots.unsqueeze(-1)) & key_valid.unsqueeze(1)  # (B, c, n)
+        logits = logits.masked_fill(~visible.unsqueeze(1), torch.finfo(logits.dtype).min)
+        yield r0, torch.softmax(logits, dim=-1, dtype=torch.float32).mean(dim=1)
+
+
 def spans_from_mask(visual_mask: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(SYS, SPA, PRM) as three (B, 2) long [start, end) tensors from a (B, n) visual mask and padding mask.
 
@@ -420,8 +460,8 @@ class CalibrationRunner:
                 raise RuntimeError(f"decoder: layer {j} did not receive the full unpruned prefill with position_ids")
             positions = positions.reshape(-1, valid.shape[1]).expand(valid.shape[0], -1)
             with torch.no_grad():
-                for r0 in range(0, rows.rows, chunk):
-                    rows.add(j, r0, attention_rows(ad, j, hidden, positions, valid, rows.slots[:, r0:r0 + chunk]))
+                for r0, probs in layer_row_chunks(ad, j, hidden, positions, valid, rows.slots, chunk):
+                    rows.add(j, r0, probs)
             seen.append(j)
             return None
 
@@ -432,6 +472,7 @@ __all__ = [
     "AdaTokenCalibration",
     "CalibrationRunner",
     "accumulate",
+    "layer_row_chunks",
     "span_block_sums",
     "span_block_sums_per_sample",
     "spans_from_mask",
