@@ -15,7 +15,7 @@
 #      SLSQP schedule at r = 0.1, outputs/adatoken_demo/schedule.png (INF / I_norm, fitted O(i), tokens kept per
 #      layer) and a pruned generate whose per-layer visual tokens are checked against the schedule's budgets.
 #
-#   bash scripts/demo.sh                                   # all three, on the embedded defaults
+#   bash scripts/demo.sh                                   # all four, on the embedded defaults
 #   bash scripts/demo.sh segpruner --model DIR --scene DIR # a real LLaVA-OneVision (HF folder) on a real scene
 #   bash scripts/demo.sh llava --model DIR --image FILE    # a real LLaVA-1.5 (HF folder)
 #   bash scripts/demo.sh fast3d [--alpha 0.21 ...]         # the Fast3D section alone
