@@ -73,6 +73,7 @@ class _BlockRows:
     def __init__(self, sys_: torch.Tensor, spa: torch.Tensor, prm: torch.Tensor, length: int, num_layers: int) -> None:
         device = spa.device
         batch = spa.shape[0]
+        self.spans = [(int(a[0]), int(a[1]), int(b[0]), int(b[1])) for a, b in zip(sys_.tolist(), spa.tolist())]
         self.n_spa, self.n_prm = spa[:, 1] - spa[:, 0], prm[:, 1] - prm[:, 0]  # (B,)
         n_rows = self.n_spa + self.n_prm
         offs = torch.arange(int(n_rows.max()), device=device)[None, :]  # (1, R)
@@ -102,6 +103,22 @@ class _BlockRows:
         self.sums[:, 0, layer] += (to_spa_below * ws).sum(1).double()
         self.sums[:, 1, layer] += (to_spa * wp).sum(1).double()
         self.sums[:, 2, layer] += (to_sys * ws).sum(1).double()
+
+    def add_heads(self, layer: int, r0: int, probs: torch.Tensor) -> None:
+        """``add`` for (B, H, c, n) per-head probabilities, from contiguous key slices: Σ over SYS or SPA keys
+        per head, then the head mean; SPA→SPA below the diagonal = the row's SPA mass − its diagonal entry
+        (keys after the query have probability 0)."""
+        c = probs.shape[2]
+        q = self.slots[:, r0:r0 + c]  # (B, c)
+        ws, wp = self.w_spa[:, r0:r0 + c], self.w_prm[:, r0:r0 + c]
+        for b, (s0, s1, a0, a1) in enumerate(self.spans):
+            p = probs[b]  # (H, c, n)
+            to_sys = p[..., s0:s1].sum(-1).mean(0)  # (c,)
+            to_spa = p[..., a0:a1].sum(-1).mean(0)
+            diag = p.gather(-1, q[b].view(1, c, 1).expand(p.shape[0], c, 1)).squeeze(-1).mean(0)
+            self.sums[b, 0, layer] += ((to_spa - diag) * ws[b]).sum().double()
+            self.sums[b, 1, layer] += (to_spa * wp[b]).sum().double()
+            self.sums[b, 2, layer] += (to_sys * ws[b]).sum().double()
 
     def per_sample(self) -> List[SpanBlockSums]:
         out = self.sums.cpu().numpy()
@@ -212,8 +229,9 @@ def layer_row_chunks(
     the layer's normed input, RoPE tables and rotated keys computed once per layer (not once per chunk).
 
     hidden: (B, n, d) the layer's input; positions: (B, n); key_valid: (B, n) bool; query_slots: (B, R).
-    Yields (r0, (B, c, n) float32 head-averaged probabilities). Extra memory: K (B, heads, n, head_dim) in the
-    model's dtype plus (B, heads, chunk, n) float32."""
+    Yields (r0, (B, heads, c, w) float32 probabilities per head over the first w = max slot + 1 keys (the rest
+    are causally masked for the whole chunk); their head mean is ``attention_rows`` truncated to w keys. Extra
+    memory: K (B, heads, n, head_dim) in the model's dtype plus (B, heads, chunk, n) float32."""
     layer = adapter.layers[layer_idx]
     attn = layer.self_attn
     batch, n, _ = hidden.shape
@@ -224,19 +242,20 @@ def layer_row_chunks(
     k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     if hkv != h:
         k = k.repeat_interleave(h // hkv, dim=1)
-    k_t = k.transpose(2, 3)
-    k_slot = torch.arange(n, device=hidden.device).view(1, 1, n)
+    k = k.contiguous()  # (B, H, n, hd): its transpose feeds every chunk's matmul without a copy
     for r0 in range(0, query_slots.shape[1], chunk):
         slots = query_slots[:, r0:r0 + chunk]
         c = slots.shape[1]
+        width = int(slots.max()) + 1  # keys after the chunk's last query are masked for every row: left out
         xq = x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         q = attn.q_proj(xq).view(batch, c, h, hd).transpose(1, 2)  # (B, H, c, hd)
         idx = slots.unsqueeze(-1).expand(-1, -1, hd)
         q = q * cos.gather(1, idx).unsqueeze(1) + rotate_half(q) * sin.gather(1, idx).unsqueeze(1)
-        logits = torch.matmul(q, k_t) * adapter.scaling  # (B, H, c, n)
-        visible = (k_slot <= slots.unsqueeze(-1)) & key_valid.unsqueeze(1)  # (B, c, n)
-        logits = logits.masked_fill(~visible.unsqueeze(1), torch.finfo(logits.dtype).min)
-        yield r0, torch.softmax(logits, dim=-1, dtype=torch.float32).mean(dim=1)
+        logits = torch.matmul(q, k[:, :, :width].transpose(2, 3)).mul_(adapter.scaling)  # (B, H, c, width)
+        k_slot = torch.arange(width, device=hidden.device).view(1, 1, width)
+        hidden_key = (k_slot > slots.unsqueeze(-1)) | ~key_valid[:, None, :width]  # (B, c, width)
+        logits.masked_fill_(hidden_key.unsqueeze(1), torch.finfo(logits.dtype).min)
+        yield r0, torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 def spans_from_mask(visual_mask: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -461,7 +480,7 @@ class CalibrationRunner:
             positions = positions.reshape(-1, valid.shape[1]).expand(valid.shape[0], -1)
             with torch.no_grad():
                 for r0, probs in layer_row_chunks(ad, j, hidden, positions, valid, rows.slots, chunk):
-                    rows.add(j, r0, probs)
+                    rows.add_heads(j, r0, probs)
             seen.append(j)
             return None
 
