@@ -43,6 +43,9 @@ for v in "${VERSIONS[@]}"; do
     elif [ "$v" = 4.39.3 ]; then
         # Chat-Scene's pin: Fast3D's GAP targets and the GAP network's RoBERTa
         targets=(tests/engine tests/test_fast3d_targets.py tests/test_fast3d_gap.py)
+    elif [ "$v" = 4.37.2 ]; then
+        # LLaVA-3D's pin: AdaToken-3D calibration through the engine entry on the stock LlamaModel
+        targets=(tests/engine tests/test_adatoken_calibrate.py)
     elif [ "$v" = 4.40.2 ]; then
         targets=(tests/engine tests/hosts/test_llava_next_fork.py)
         required=1
