@@ -35,7 +35,9 @@ extra memory against one decoder layer's (goal <= 2x). Memory: on CPU ``torch.pr
 ``profile_memory=True`` (the CPU allocator reports every allocation and the running total while profiling; the
 peak is the largest total minus the total before the first allocation: live tensors created inside the measured
 call, inputs and weights excluded); on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the
-call. "One layer" is one stock decoder layer called on the 2,057 tokens (its transient activations and its output;
+call. On CPU the calibration's memory is profiled over the first ``--mem-layers`` layers (default 2; the profiler's
+trace of all 32 layers × chunks takes minutes and GBs): every layer of the unpruned prefill sees the same n tokens, so
+the pattern, and its peak, repeats layer after layer (only the (3, L) float64 sums accumulate). "One layer" is one stock decoder layer called on the 2,057 tokens (its transient activations and its output;
 its input, the mask and the RoPE tables are made before the measurement); the stock prefill's peak is printed too.
 """
 from __future__ import annotations
@@ -45,8 +47,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -158,9 +161,10 @@ class Result:
     calibration: List[Dict[str, float]] = field(default_factory=list)
     layer_peak: int = 0
     prefill_peak: int = 0
+    mem_layers: int = LAYERS
 
 
-def measure(args: argparse.Namespace) -> Result:
+def measure(args: argparse.Namespace, on_prefill: Optional[Callable[[Result], None]] = None) -> Result:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -221,7 +225,10 @@ def measure(args: argparse.Namespace) -> Result:
               f"threads={torch.get_num_threads()}")
     res = Result(header=header, dims=DecoderDims.from_config(cfg), tokens=tokens, times=times, schedule=sched,
                  visual=visual, floor_visual=floor_visual[0])
+    if on_prefill is not None:
+        on_prefill(res)
     if args.calib_chunks:
+        res.mem_layers = args.mem_layers if args.device == "cpu" else LAYERS
         _calibration(args, model, x, res, sync)
     return res
 
@@ -269,14 +276,26 @@ def _calibration(args, model, x, res: Result, sync) -> None:
             for sink, fn in (pair if r % 2 == 0 else pair[::-1]):
                 sink.append(timed(fn))
                 progress.update()
-        peak = peak_extra_bytes(calib, args.device)
+        with _first_layers(model, args.mem_layers if args.device == "cpu" else LAYERS):
+            peak = peak_extra_bytes(calib, args.device)
         progress.update()
         res.calibration.append({"chunk": chunk, "stock_s": min(t_stock), "calib_s": min(t_cal),
                                 "spread": (max(t_cal) - min(t_cal)) / min(t_cal), "peak": peak})
     progress.close()
 
 
-def report(res: Result, out=None) -> None:
+@contextmanager
+def _first_layers(model, k: int) -> Iterator[None]:
+    """The decoder reduced to its first k layers (the same modules) for the duration."""
+    layers = model.layers
+    model.layers = torch.nn.ModuleList(list(layers)[:k])
+    try:
+        yield
+    finally:
+        model.layers = layers
+
+
+def report(res: Result, out=None, calibration: bool = True) -> None:
     out = out or sys.stdout
     pr = lambda s="": print(s, file=out)  # noqa: E731
     paper, exact = CONVENTIONS["fastv"], CONVENTIONS["exact"]
@@ -306,13 +325,17 @@ def report(res: Result, out=None) -> None:
     pr("measured x = stock time / variant time; paper x = FastV/PDrop-convention FLOPs speed-up (no ranking); "
        "true x = true FLOPs incl. the ranking probes; ratio = measured / true x (goal >= 0.90), ratio_p = measured / "
        "paper x; ranks = ranking points; the floor is the stock forward on AdaToken-3D's average length")
-    if not res.calibration:
-        return
+    if calibration and res.calibration:
+        report_calibration(res, out)
+
+
+def report_calibration(res: Result, out=None) -> None:
+    out = out or sys.stdout
+    pr = lambda s="": print(s, file=out)  # noqa: E731
     mib = 2.0 ** 20
-    pr()
     pr(f"Calibration (span_block_sums on the unpruned {SYS + res.visual + PRM}-token prefill, per prompt): peak extra "
        f"memory of one stock decoder layer {res.layer_peak / mib:.1f} MiB, of the stock prefill "
-       f"{res.prefill_peak / mib:.1f} MiB")
+       f"{res.prefill_peak / mib:.1f} MiB; calibration peak over the first {res.mem_layers} layers")
     head = f"{'chunk':>6}{'calib s':>10}{'spread':>8}{'stock s':>10}{'x stock':>9}{'peak MiB':>10}{'x layer':>9}"
     pr(head)
     pr("-" * len(head))
@@ -358,11 +381,14 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--calib-chunks", type=_chunks, default=[64, 256, 1024],
                     help="span_block_sums chunk sizes, comma-separated; empty: skip the calibration section")
     ap.add_argument("--calib-rounds", type=int, default=1)
+    ap.add_argument("--mem-layers", type=int, default=2, help="layers the CPU memory profile of the calibration runs")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.visual < 10:
         ap.error(f"--visual: expected at least 10 voxel tokens, got {args.visual}")
+    if not 1 <= args.mem_layers <= LAYERS:
+        ap.error(f"--mem-layers: expected 1..{LAYERS}, got {args.mem_layers}")
     if args.rounds < 1 or args.calib_rounds < 1:
         ap.error("--rounds / --calib-rounds: expected at least 1")
     if not 0.0 < args.r < 1.0:
@@ -371,7 +397,14 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    report(measure(parse(argv)))
+    def prefill_table(res: Result) -> None:  # printed before the (long) calibration section
+        report(res, calibration=False)
+        sys.stdout.flush()
+
+    res = measure(parse(argv), prefill_table)
+    if res.calibration:
+        print()
+        report_calibration(res)
     return 0
 
 
