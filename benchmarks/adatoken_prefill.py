@@ -29,7 +29,7 @@ ranking): its own ratio shows how far a shorter sequence alone falls short of it
 (at small n the CPU's matmul throughput drops), so a variant's shortfall can be split into the hardware's and the
 engine's.
 
-Calibration: ``span_block_sums`` (the layer-by-layer chunked q/k probe) on the unpruned 2,057-token prefill, per
+Calibration: the calibration command's pass (``AdaTokenCalibration``: the stock forward plus the layer-by-layer chunked q/k probe, keys once per layer) on the unpruned 2,057-token prefill, per
 chunk size (``--calib-chunks``), timed side by side with a stock prefill (best of ``--calib-rounds``); and its peak
 extra memory against one decoder layer's (goal <= 2x). Memory: on CPU ``torch.profiler`` with
 ``profile_memory=True`` (the CPU allocator reports every allocation and the running total while profiling; the
@@ -234,9 +234,10 @@ def measure(args: argparse.Namespace, on_prefill: Optional[Callable[[Result], No
 
 
 def _calibration(args, model, x, res: Result, sync) -> None:
-    """span_block_sums per chunk size: time side by side with a stock prefill, and peak extra memory."""
+    """The calibration command's pass (``AdaTokenCalibration``'s runner: the stock forward plus the per-layer
+    chunked q/k probe) per chunk size: time side by side with a stock prefill, and peak extra memory."""
     from shared.engine.adapters import DecoderAdapter
-    from shared.methods.adatoken_calibration import span_block_sums
+    from shared.methods.adatoken_calibration import AdaTokenCalibration
 
     visual = res.visual
     length = x.shape[1]
@@ -253,7 +254,7 @@ def _calibration(args, model, x, res: Result, sync) -> None:
         sync()
         return time.perf_counter() - t0
 
-    # one decoder layer on the full sequence, its inputs made beforehand (as span_block_sums makes them)
+    # one decoder layer on the full sequence, its inputs made beforehand (as the probe makes them)
     ad = DecoderAdapter(model)
     positions = torch.arange(length, device=x.device)[None]
     valid = torch.ones(1, length, dtype=torch.bool, device=x.device)
@@ -268,7 +269,10 @@ def _calibration(args, model, x, res: Result, sync) -> None:
     progress = _progress(len(args.calib_chunks) * (2 * args.calib_rounds + 1), "calibration runs", args.quiet)
     for chunk in args.calib_chunks:
         def calib(c=chunk):
-            return span_block_sums(model, x, *spans, chunk=c)
+            with torch.no_grad(), pruning(model, AdaTokenCalibration(chunk=c)) as runner:
+                runner.prepare(visual_spans=[spans[1]])
+                model(inputs_embeds=x, use_cache=False)
+            return runner.last
 
         t_stock, t_cal = [], []
         for r in range(args.calib_rounds):  # side by side, order alternating
@@ -333,7 +337,7 @@ def report_calibration(res: Result, out=None) -> None:
     out = out or sys.stdout
     pr = lambda s="": print(s, file=out)  # noqa: E731
     mib = 2.0 ** 20
-    pr(f"Calibration (span_block_sums on the unpruned {SYS + res.visual + PRM}-token prefill, per prompt): peak extra "
+    pr(f"Calibration (AdaTokenCalibration: stock forward + probe, on the unpruned {SYS + res.visual + PRM}-token prefill, per prompt): peak extra "
        f"memory of one stock decoder layer {res.layer_peak / mib:.1f} MiB, of the stock prefill "
        f"{res.prefill_peak / mib:.1f} MiB; calibration peak over the first {res.mem_layers} layers")
     head = f"{'chunk':>6}{'calib s':>10}{'spread':>8}{'stock s':>10}{'x stock':>9}{'peak MiB':>10}{'x layer':>9}"
@@ -379,7 +383,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--schedule", default=None, help="AdaToken-3D schedule JSON (default: fit on a linear INF)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calib-chunks", type=_chunks, default=[64, 256, 1024],
-                    help="span_block_sums chunk sizes, comma-separated; empty: skip the calibration section")
+                    help="calibration probe chunk sizes, comma-separated; empty: skip the calibration section")
     ap.add_argument("--calib-rounds", type=int, default=1)
     ap.add_argument("--mem-layers", type=int, default=2, help="layers the CPU memory profile of the calibration runs")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
