@@ -72,9 +72,9 @@ run_suite "transformers 4.39.3 + .venvs/yolo (torchvision): real patched Chat-Sc
 # the real patched LLaVA-3D (4.37.2; its processor imports cv2): fork tests and eval/LLaVA-3D/eval_llava3d.py end to
 # end. LLaVA-3D has no license file, so no snapshot is shared and CI has no source: HOST_TESTS_REQUIRED=0, the tests
 # skip with that reason unless the submodule is checked out
-run_suite "transformers 4.37.2 + .venvs/yolo (cv2): real patched LLaVA-3D + its eval driver (skip without the LLaVA-3D submodule)" \
+run_suite "transformers 4.37.2 + .venvs/yolo (cv2): real patched LLaVA-3D + its eval driver + calibration (skip without the LLaVA-3D submodule)" \
     env PYTHONPATH=".venvs/tf-4.37.2" HOST_TESTS_REQUIRED=0 \
-    .venvs/yolo/bin/python -m pytest tests/hosts/test_llava_3d_fork.py tests/hosts/test_llava_3d_eval.py -q -p no:cacheprovider "$@"
+    .venvs/yolo/bin/python -m pytest tests/hosts/test_llava_3d_fork.py tests/hosts/test_llava_3d_eval.py tests/hosts/test_llava_3d_calibrate.py -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo: real (untrained) YOLO11n-seg through Seg-First" \
     env YOLO_OFFLINE=1 .venvs/yolo/bin/python -m pytest tests/test_segfirst.py -k yolo -q -p no:cacheprovider "$@"
 run_suite ".venvs/yolo (segment-anything): SAM mask source, standalone and shared-encoder, on tiny random SAMs" \

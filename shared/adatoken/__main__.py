@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude-scenes-from", nargs="*", default=None, metavar="FILE",
                    help="question files whose scenes are excluded (default: ScanQA-val and SQA3D-test under "
                         "--data-root, where present)")
+    g.add_argument("--video-folder", default=None,
+                   help="folder holding scannet/<scene> (default: <data-root>/LLaVA-3D-Pretrain)")
     g.add_argument("--device", default="cuda")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     g.add_argument("--compat", default=None, help="build_inputs compat mode (e.g. adatoken)")
@@ -99,7 +101,8 @@ def _source(args: argparse.Namespace):
         return tiny_source(k=args.k, seed=args.seed, spec=spec)
     return llava3d_source(args.model_path, data_root=args.data_root, question_files=args.question_files,
                           exclude_from=args.exclude_scenes_from, k=args.k, seed=args.seed,
-                          model_base=args.model_base, device=args.device, dtype=args.dtype, compat=args.compat)
+                          model_base=args.model_base, device=args.device, dtype=args.dtype, compat=args.compat,
+                          video_folder=args.video_folder)
 
 
 def _fit_and_write(state, args: argparse.Namespace, partial: bool = False) -> List[str]:

@@ -106,15 +106,30 @@ def _record_task(rec: Dict[str, Any]) -> str:
 def llava3d_source(model_path: str, data_root: Optional[str] = None, question_files: Sequence[str] = (),
                    exclude_from: Optional[Sequence[str]] = None, k: int = 64, seed: int = 0,
                    model_base: Optional[str] = None, device: str = "cuda", dtype: str = "bfloat16",
-                   compat: Optional[str] = None) -> Source:
+                   compat: Optional[str] = None, video_folder: Optional[str] = None) -> Source:
     """``--source llava3d``: K prompts from ScanQA-train + SQA3D-train (scenes of the eval files excluded) on
-    LLaVA-3D (``shared.datasets.llava3d``: ``load_llava3d``, ``calibration_records``, ``build_inputs``)."""
+    LLaVA-3D (``shared.datasets.llava3d``: ``load_llava3d``, ``calibration_records``, ``build_inputs``).
+
+    data_root: LLaVA-3D's ``playground/data`` (or a folder holding it; ``resolve_data_root``): the default
+    question files, the eval files whose scenes are excluded, and the ``embodiedscan_infos_full.json`` the
+    video processor opens while the model loads. video_folder: where ``record["video"]`` (``scannet/sceneXXXX_XX``)
+    lives (default ``<data_root>/LLaVA-3D-Pretrain``, as the eval scripts)."""
     try:
         from ..datasets import llava3d as data
     except ImportError as e:
         raise RuntimeError(f"--source llava3d: shared.datasets.llava3d could not be imported ({e})") from None
     if not model_path:
         raise ValueError("--model-path: --source llava3d needs the LLaVA-3D checkpoint folder")
+    if data_root:
+        data_root = str(data.resolve_data_root(data_root))
+    if video_folder is None:
+        if not data_root:
+            raise ValueError("--video-folder: give the folder holding scannet/<scene> (or --data-root, whose "
+                             f"{data.VIDEO_FOLDER} is the default)")
+        video_folder = os.path.join(data_root, data.VIDEO_FOLDER)
+    if not os.path.isdir(video_folder):
+        raise FileNotFoundError(f"--video-folder: no folder at {video_folder}")
+    video_folder = os.path.abspath(video_folder)
     files = list(question_files)
     if not files:
         if not data_root:
@@ -136,20 +151,21 @@ def llava3d_source(model_path: str, data_root: Optional[str] = None, question_fi
     loaded: Dict[str, Any] = {}
 
     def load() -> nn.Module:
-        tok, model, proc = data.load_llava3d(model_path, model_base=model_base, device=device, dtype=torch_dtype)
+        tok, model, proc = data.load_llava3d(model_path, model_base=model_base, device=device, dtype=torch_dtype,
+                                             data_root=data_root)
         loaded.update(tokenizer=tok, processor=proc)
         return model
 
     def inputs(model: nn.Module, rec: Dict[str, Any]) -> Dict[str, Any]:
         return data.build_inputs(rec, _record_task(rec), loaded["tokenizer"], model, loaded["processor"],
-                                 compat=compat)
+                                 compat=compat, video_folder=video_folder)
 
     return Source(
         name="llava3d",
         settings={"model_path": os.path.abspath(model_path), "model_base": model_base, "dtype": dtype, "k": k,
                   "seed": seed, "question_files": [os.path.abspath(f) for f in files],
                   "exclude_scenes_from": [os.path.abspath(f) for f in exclude_from],
-                  "excluded_scenes_sha256": keys_digest(exclude), "compat": compat},
+                  "excluded_scenes_sha256": keys_digest(exclude), "compat": compat, "video_folder": video_folder},
         records=records, key=_record_key, load=load, inputs=inputs,
     )
 

@@ -351,13 +351,27 @@ def _reference_greedy(model, embeds, alive_layers, positions, steps=STEPS) -> Li
     return out
 
 
-def _adatoken(n: int):
-    from shared.methods.adatoken import AdaToken3D, AdaTokenSchedule, budgets_for
+#: a hand-set AdaToken-3D retention O(i), i = 1..4 (the fork's 4 layers); 0.55 and 0.5 floor to one count at
+#: small N, so the running minimum is exercised
+RETENTION = (1.0, 0.55, 0.5, 0.25)
 
-    retention = (1.0, 0.6, 0.4, 0.25)
-    sched = AdaTokenSchedule(r=0.25, alpha=1.0, beta=0.5, L_c=0.0, M=0.0, retention=retention,
-                             budgets=tuple(budgets_for(retention, n)), visual_tokens=n)
+
+def _adatoken():
+    from shared.methods.adatoken import AdaToken3D, AdaTokenSchedule
+
+    # stored budgets at a nominal N = 100; the method recomputes them from each sample's own N
+    sched = AdaTokenSchedule(r=RETENTION[-1], alpha=1.0, beta=0.5, L_c=0.0, M=0.0, retention=RETENTION,
+                             budgets=(100, 55, 50, 25), visual_tokens=100)
     return AdaToken3D(fitted=sched)
+
+
+def adatoken_counts_by_hand(retention, n: int) -> List[int]:
+    """Per layer k_i = max(1, floor(O(i) · N)), then a running minimum (the counts never grow again)."""
+    out: List[int] = []
+    for o in retention:
+        k = max(1, int(np.floor(o * n)))
+        out.append(k if not out else min(out[-1], k))
+    return out
 
 
 @pytest.mark.parametrize("which", ["fastv", "pdrop-compact", "adatoken3d"])
@@ -376,9 +390,11 @@ def test_pruning_follows_its_schedule_and_equals_the_masking_reference(env, whic
         method = shared.PyramidDrop(layers=(1, 2, 3), ratio=0.5, positions="compact")
         events = reference.pdrop_events(method.layers, method.keep_counts(n))
     else:
-        method = _adatoken(n)
-        stages = method._stages(4)
-        events = reference.pdrop_events([layer for layer, _ in stages], [k for _, k in stages])
+        method = _adatoken()
+        counts = adatoken_counts_by_hand(RETENTION, n)
+        assert counts[-1] < n
+        drops = [layer for layer in range(1, 4) if counts[layer] < counts[layer - 1]]
+        events = reference.pdrop_events(drops, [counts[layer] for layer in drops])
     positions = getattr(method, "positions", "original")
     cap = DecoderInputs(env.model)
     try:
@@ -388,7 +404,7 @@ def test_pruning_follows_its_schedule_and_equals_the_masking_reference(env, whic
         cap.close()
     assert torch.equal(cap.embeds, embeds)
     vis = session.last.stats.visual[0].tolist()
-    assert vis == method.schedule(n, 4)
+    assert vis == (adatoken_counts_by_hand(RETENTION, n) if which == "adatoken3d" else method.schedule(n, 4))
     assert vis[-1] < n
     _, kept, _, alive = reference.run(env.model, embeds, (start, start + n), length - 1, events, positions=positions)
     assert [len(k) for k in kept] == vis
@@ -397,8 +413,12 @@ def test_pruning_follows_its_schedule_and_equals_the_masking_reference(env, whic
 
 
 # ------------------------------------------------------------------------------------- the matrix
-def _fork_method(label, method, n):
+def _fork_method(label, method, n, layers):
     """A matrix row's method at the fork's sizes: (pruning config, keep-everything config)."""
+    from shared.apps import matrix
+
+    if label == "adatoken3d":  # a schedule fits one layer count: rebuilt for the fork's decoder
+        return matrix.adatoken_row(layers), matrix.adatoken_keep_all(layers)
     if label.startswith("fastv") or label == "random":
         return method, replace(method, keep=None, keep_ratio=1.0)
     if label.startswith("pdrop"):
@@ -427,13 +447,18 @@ def test_matrix_cell_on_the_fork(env, label):
     assert cell == "✔"
     rec, _ = _session_forward(env, env.batch)
     n = rec.host["visual_tokens"][0]
-    prune_cfg, full = _fork_method(label, method, n)
+    layers = env.model.config.num_hidden_layers
+    prune_cfg, full = _fork_method(label, method, n, layers)
     with shared.prune(env.model, full, host="llava_3d", sample_keys=["scene0"]):
         out = _generate(env.model, env.batch)
     assert torch.equal(out, env.stock["generate"]), f"{label}: keeping everything changed the generation"
     with shared.prune(env.model, prune_cfg, host="llava_3d", sample_keys=["scene0"]) as session:
         _generate(env.model, env.batch)
     vis = session.last.stats.visual[0].tolist()
-    assert vis == (prune_cfg.schedule(n, len(vis), vis[0]) if label.startswith("lvlm_csp")
-                   else prune_cfg.schedule(n, len(vis)))
+    assert len(vis) == layers
+    if label == "adatoken3d":  # the budgets for this scene's N, from the fitted retention by hand
+        assert vis == adatoken_counts_by_hand(prune_cfg.fitted_schedule.retention, n)
+    else:
+        assert vis == (prune_cfg.schedule(n, layers, vis[0]) if label.startswith("lvlm_csp")
+                       else prune_cfg.schedule(n, layers))
     assert vis[-1] < n
