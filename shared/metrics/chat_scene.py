@@ -101,6 +101,12 @@ def answer_match(pred: str, gts: Sequence[str]) -> Tuple[int, int]:
     """
     if len(pred) == 0:
         return 0, 0
+    return exact_or_contained(pred, gts)
+
+
+def exact_or_contained(pred: str, gts: Sequence[str]) -> Tuple[int, int]:
+    """(1, 1) when ``pred`` is one of ``gts``; else (0, 1) when, with all whitespace removed, ``pred`` and some
+    reference contain one another; else (0, 0). (The shared core of Chat-Scene's and LLaVA-3D's matchers.)"""
     if pred in gts:
         return 1, 1
     squeezed = "".join(pred.split())
@@ -599,6 +605,7 @@ __all__ = [
     "UNIQUE_MULTIPLE_LOOKUP",
     "ZERO_TARGET_TYPES",
     "answer_match",
+    "exact_or_contained",
     "build_unique_multiple_lookup",
     "clean_prediction",
     "first_object_id",

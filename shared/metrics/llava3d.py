@@ -39,7 +39,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .chat_scene import CaptionScorers
+from .chat_scene import CaptionScorers, exact_or_contained
 from .qa import clean_answer
 
 SQA3D_TYPES = (0, 1, 2, 3, 4, 5)  # What, Is, How, Can, Which, Other
@@ -55,14 +55,7 @@ def answer_match(pred: str, gts: Sequence[str]) -> Tuple[int, int]:
         raise TypeError(f"pred: expected a str, got {type(pred).__name__}")
     if isinstance(gts, str) or not all(isinstance(g, str) for g in gts):
         raise TypeError(f"gts: expected a list of str, got {gts!r}")
-    if pred in gts:
-        return 1, 1
-    squeezed = "".join(pred.split())
-    for gt in gts:
-        gt_squeezed = "".join(gt.split())
-        if squeezed in gt_squeezed or gt_squeezed in squeezed:
-            return 0, 1
-    return 0, 0
+    return exact_or_contained(pred, gts)  # no empty-prediction guard: upstream gives "" refined credit
 
 
 # --------------------------------------------------------------------------------------------------- files
