@@ -257,7 +257,29 @@ def synthetic_scene_batch(tokenizer, processor, videos: Sequence[str], questions
     return out
 
 
+#: what LLaVA-3D's model and processor import beyond torch (cv2 and scipy: its video processor)
+REQUIRED_MODULES = ("cv2", "scipy", "sentencepiece", "PIL")
+
+
+def require_environment() -> None:
+    """Skip (or fail under HOST_TESTS_REQUIRED=1) unless transformers 4.37.2 and LLaVA-3D's imports are here."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        upstream.unavailable("LLaVA-3D needs transformers 4.37.2 (PYTHONPATH=.venvs/tf-4.37.2)")
+    import transformers
+
+    if transformers.__version__ != "4.37.2":
+        upstream.unavailable(f"LLaVA-3D pins transformers 4.37.2, this is {transformers.__version__} "
+                             "(PYTHONPATH=.venvs/tf-4.37.2 .venvs/yolo/bin/python -m pytest ...)")
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        upstream.unavailable(f"LLaVA-3D's imports need {missing} (.venvs/yolo + the tf-4.37.2 target)")
+
+
 __all__ = [
+    "REQUIRED_MODULES",
+    "require_environment",
     "ANNOTATIONS",
     "QUESTIONS",
     "build_tiny_llava3d",

@@ -17,21 +17,10 @@ import pytest
 import torch
 
 from . import upstream
+from .llava_3d_build import require_environment as _environment
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW = 6  # new tokens per answer (upstream: 512; a random tiny model rarely stops early)
-
-
-def _environment() -> None:
-    if importlib.util.find_spec("transformers") is None:
-        upstream.unavailable("LLaVA-3D needs transformers 4.37.2 (PYTHONPATH=.venvs/tf-4.37.2)")
-    import transformers
-
-    if transformers.__version__ != "4.37.2":
-        upstream.unavailable(f"LLaVA-3D pins transformers 4.37.2, this is {transformers.__version__}")
-    for mod in ("cv2", "sentencepiece"):
-        if importlib.util.find_spec(mod) is None:
-            upstream.unavailable(f"LLaVA-3D's processor needs {mod} (.venvs/yolo + PYTHONPATH=.venvs/tf-4.37.2)")
 
 
 @pytest.fixture(scope="module")

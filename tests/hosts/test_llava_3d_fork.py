@@ -29,22 +29,10 @@ import pytest
 import torch
 
 from . import upstream
+from .llava_3d_build import require_environment as _environment
+from .llava_next_build import DecoderInputs
 
 STEPS = 4
-REQUIRED_MODULES = ("cv2", "scipy", "sentencepiece", "PIL")
-
-
-def _environment() -> None:
-    import importlib.util
-
-    import transformers
-
-    if transformers.__version__ != "4.37.2":
-        upstream.unavailable(f"LLaVA-3D pins transformers 4.37.2, this is {transformers.__version__} "
-                             "(PYTHONPATH=.venvs/tf-4.37.2 .venvs/yolo/bin/python -m pytest ...)")
-    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        upstream.unavailable(f"LLaVA-3D's imports need {missing} (.venvs/yolo + the tf-4.37.2 target)")
 
 
 @dataclass
@@ -107,21 +95,6 @@ def env(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     stock = torch.load(root / "stock.pt")
     return Env(lb, tree, model, tok, proc, root / "build", batch, stock)
-
-
-class DecoderInputs:
-    """The ``inputs_embeds`` of the first decoder call (the prefill)."""
-
-    def __init__(self, model) -> None:
-        self.embeds = None
-        self._h = model.get_model().register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _m, _a, kwargs):
-        if self.embeds is None:
-            self.embeds = kwargs.get("inputs_embeds")
-
-    def close(self) -> None:
-        self._h.remove()
 
 
 def _generate(model, batch, **kw):
